@@ -1,0 +1,370 @@
+"""Zero-shot classification: class names + prompt templates -> a text classifier.
+
+CLIP classifies an image by comparing its feature with one text feature per class.
+Each class's text feature comes from prompt templates ("a photo of a {}."); with
+several templates (OpenAI's 80 ImageNet prompts) each prompt's feature is
+L2-normalised, the features of a class are averaged and the mean is normalised
+again. The classifier is computed once per (model, class names, templates), in
+batches that mix classes, kept in memory and optionally on disk, so evaluation
+never re-encodes text per image batch (a flaw of the CoOp reference code).
+
+Logits are `logit_scale * cosine(image, class)`, exactly as CLIP's forward.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from vlkit.errors import VlkitError
+
+if TYPE_CHECKING:
+    from vlkit.models.base import VLModel
+
+SINGLE_TEMPLATE = "a photo of a {}."
+PLACEHOLDER = "{}"
+TEMPLATE_SETS = {"single", "ensemble", "openai_imagenet"}
+
+# (fingerprint, classnames, templates) -> [C, D] classifier on CPU; small LRU so a
+# long-lived process (a notebook, a server) does not grow without bound.
+_MEMORY_CACHE: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+_MEMORY_CACHE_SIZE = 16
+
+
+# --------------------------------------------------------------------- templates
+
+
+def openai_imagenet_templates() -> list[str]:
+    """OpenAI's 80 ImageNet prompt templates, shipped as data in vlkit/templates/."""
+    text = resources.files("vlkit").joinpath("templates", "openai_imagenet.txt").read_text(encoding="utf-8")
+    return _parse_template_lines(text.splitlines())
+
+
+def _parse_template_lines(lines: Sequence[str]) -> list[str]:
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def resolve_templates(templates: str | os.PathLike | Sequence[str]) -> list[str]:
+    """Turn "single", "ensemble" (= "openai_imagenet"), a file (one per line) or a list into templates.
+
+    Every template must contain "{}" where the class name goes.
+    """
+    if isinstance(templates, os.PathLike) or isinstance(templates, str):
+        name = str(templates)
+        if name == "single":
+            out = [SINGLE_TEMPLATE]
+        elif name in ("ensemble", "openai_imagenet"):
+            out = openai_imagenet_templates()
+        else:
+            path = Path(name)
+            if not path.is_file():
+                raise VlkitError(
+                    f"templates '{name}': not 'single', 'ensemble' or an existing file; "
+                    "pass one of those (a file holds one template per line with {} for the class)"
+                )
+            out = _parse_template_lines(path.read_text(encoding="utf-8").splitlines())
+            if not out:
+                raise VlkitError(f"templates file '{name}' has no templates; write one per line, e.g. 'a photo of a {{}}.'")
+    else:
+        out = [str(t) for t in templates]
+        if not out:
+            raise VlkitError("templates: the list is empty; pass at least one template such as 'a photo of a {}.'")
+    bad = [t for t in out if PLACEHOLDER not in t]
+    if bad:
+        raise VlkitError(f"template '{bad[0]}' has no '{{}}' placeholder for the class name; add one, e.g. 'a photo of a {{}}.'")
+    return out
+
+
+def load_classnames(path: str | os.PathLike) -> list[str]:
+    """Class names from a text file, one per line (blank lines and '#' comments ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        raise VlkitError(f"classes file '{p}' does not exist; pass a text file with one class name per line")
+    names = _parse_template_lines(p.read_text(encoding="utf-8").splitlines())
+    return check_classnames(names, source=f"classes file '{p}'")
+
+
+def check_classnames(classnames: Sequence[str], source: str = "class list") -> list[str]:
+    """Reject an empty list or duplicates: either makes the classifier meaningless."""
+    names = [str(c) for c in classnames]
+    if not names:
+        raise VlkitError(f"{source} is empty; give at least two class names (one per line)")
+    seen: set[str] = set()
+    dupes = [c for c in names if c in seen or seen.add(c)]
+    if dupes:
+        raise VlkitError(f"{source} lists '{dupes[0]}' more than once; class names must be unique")
+    return names
+
+
+def format_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Class-major prompts: all templates of class 0, then class 1, ...
+
+    Underscores in class names become spaces (folder names like "golden_retriever"),
+    as CLIP's and CoOp's evaluation code do.
+    """
+    return [t.replace(PLACEHOLDER, c.replace("_", " ")) for c in classnames for t in templates]
+
+
+# -------------------------------------------------------------------- classifier
+
+
+def _cache_key(fingerprint: str, classnames: Sequence[str], templates: Sequence[str]) -> str:
+    blob = json.dumps({"model": fingerprint, "classes": list(classnames), "templates": list(templates)})
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    """Root of vlkit's on-disk caches: $VLKIT_CACHE or ~/.cache/vlkit."""
+    return Path(os.environ.get("VLKIT_CACHE", Path.home() / ".cache" / "vlkit"))
+
+
+def ensemble(features: torch.Tensor) -> torch.Tensor:
+    """[C, T, D] prompt features -> [C, D]: normalise each, average over T, renormalise."""
+    features = torch.nn.functional.normalize(features.float(), dim=-1)
+    return torch.nn.functional.normalize(features.mean(dim=1), dim=-1)
+
+
+@torch.inference_mode()
+def _encode_classifier(model: "VLModel", classnames: list[str], templates: list[str], batch_size: int) -> torch.Tensor:
+    """Encode in chunks of whole classes (about `batch_size` prompts each) and reduce
+    each chunk at once, so memory holds [chunk, T, D], never [C, T, D]."""
+    n_t = len(templates)
+    classes_per_chunk = max(1, batch_size // n_t)
+    out = []
+    for start in range(0, len(classnames), classes_per_chunk):
+        chunk = classnames[start : start + classes_per_chunk]
+        prompts = format_prompts(chunk, templates)
+        feats = []
+        for i in range(0, len(prompts), batch_size):
+            batch = model.tokenize(prompts[i : i + batch_size]).to(model.device)
+            feats.append(model.encode_text(batch.input_ids, batch.attention_mask, normalize=True))
+        out.append(ensemble(torch.cat(feats).view(len(chunk), n_t, -1)))
+    return torch.cat(out)
+
+
+def zeroshot_classifier(
+    model: "VLModel",
+    classnames: Sequence[str],
+    templates: str | os.PathLike | Sequence[str] = "single",
+    *,
+    batch_size: int = 256,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """[C, D] unit-norm class weights on the model's device.
+
+    cache=True reuses an in-memory copy for the same (model fingerprint, class
+    names, templates); with `cache_dir` also a safetensors file there, written
+    atomically. cache=False always recomputes and stores nothing.
+    """
+    names = check_classnames(classnames)
+    temps = resolve_templates(templates)
+    if not cache:
+        return _encode_classifier(model, names, temps, batch_size)
+    key = _cache_key(model.fingerprint(), names, temps)
+    if key in _MEMORY_CACHE:
+        _MEMORY_CACHE.move_to_end(key)
+        return _MEMORY_CACHE[key].to(model.device)
+    disk = Path(cache_dir) / "zeroshot-text" / f"{key}.safetensors" if cache_dir is not None else None
+    weights = None
+    if disk is not None and disk.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            weights = load_file(str(disk))["classifier"]
+        except Exception:  # a damaged cache entry is recomputed and overwritten
+            weights = None
+        if weights is not None and weights.shape[0] != len(names):
+            weights = None
+    if weights is None:
+        weights = _encode_classifier(model, names, temps, batch_size).cpu()
+        if disk is not None:
+            from vlkit import io
+
+            io.save_safetensors(disk, {"classifier": weights}, metadata={"key": key, "num_templates": str(len(temps))})
+    _MEMORY_CACHE[key] = weights.cpu()
+    while len(_MEMORY_CACHE) > _MEMORY_CACHE_SIZE:
+        _MEMORY_CACHE.popitem(last=False)
+    return weights.to(model.device)
+
+
+def clear_memory_cache() -> None:
+    """Forget in-memory classifiers (benchmarks use this to time a cold start)."""
+    _MEMORY_CACHE.clear()
+
+
+def logits(model: "VLModel", image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """CLIP logits: logit_scale * cosine similarity, [N, C]."""
+    img = torch.nn.functional.normalize(image_features.float(), dim=-1)
+    scale = model.logit_scale.detach().float().to(img.device)
+    return scale * img @ classifier.float().to(img.device).T
+
+
+# ------------------------------------------------------------------ classification
+
+
+@dataclass
+class LabeledImages:
+    """What classification needs from a dataset: image paths, optional labels, class names."""
+
+    paths: list[str]
+    labels: list[int] | None
+    classnames: list[str] | None
+
+
+@dataclass
+class ZeroShotResult:
+    """Per-image scores for the images that loaded, plus what was skipped and why."""
+
+    classnames: list[str]
+    templates: list[str]
+    paths: list[str]
+    logits: torch.Tensor
+    labels: list[int] | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    model_fingerprint: str = ""
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return self.logits.softmax(dim=-1)
+
+    @property
+    def predictions(self) -> list[int]:
+        return self.logits.argmax(dim=-1).tolist()
+
+    def metrics(self) -> dict[str, Any]:
+        """Top-1/5, mean per-class recall, per-class accuracy, confusion matrix, skipped images."""
+        from vlkit.metrics import classification_metrics
+
+        out: dict[str, Any] = {}
+        if self.labels is not None:
+            out.update(classification_metrics(self.logits, self.labels, self.classnames))
+        else:
+            out["n"] = len(self.paths)
+        out["num_skipped"] = len(self.skipped)
+        out["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
+        return out
+
+    def write_predictions(self, path: str | os.PathLike, top_k: int = 5) -> None:
+        """predictions.csv: one row per scored image, input order, atomically written."""
+        from vlkit import io
+
+        probs = self.probabilities
+        k = min(top_k, len(self.classnames))
+        top_p, top_i = probs.topk(k, dim=-1)
+        with io.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label", "prediction", "probability", "correct", f"top{k}"])
+            for row, p in enumerate(self.paths):
+                pred = int(top_i[row, 0])
+                label = self.classnames[self.labels[row]] if self.labels is not None else ""
+                correct = "" if self.labels is None else int(self.labels[row] == pred)
+                top = "|".join(self.classnames[int(i)] for i in top_i[row])
+                w.writerow([p, label, self.classnames[pred], f"{float(top_p[row, 0]):.6f}", correct, top])
+
+    def save(self, run_dir: str | os.PathLike) -> dict[str, Any]:
+        """Write metrics.json and predictions.csv into a run folder; return the metrics."""
+        from vlkit import runs
+
+        m = self.metrics()
+        self.write_predictions(Path(run_dir) / "predictions.csv")
+        runs.write_metrics(run_dir, m)
+        return m
+
+
+def _label_index(label: Any, classnames: list[str] | None, where: str) -> int:
+    if isinstance(label, str):
+        if classnames is None or label not in classnames:
+            raise VlkitError(f"{where}: label '{label}' is not in the class list; add it or fix the label")
+        return classnames.index(label)
+    return int(label)
+
+
+def as_labeled_images(data: Any, classnames: Sequence[str] | None = None) -> LabeledImages:
+    """Accept a dataset object, a path (image folder, CSV or JSONL), a list of image
+    paths, or a list of (path, label) pairs; labels may be names or indices."""
+    if isinstance(data, (str, os.PathLike)):
+        from vlkit.data.datasets import open_dataset
+
+        data = open_dataset(data)
+    names = list(classnames) if classnames is not None else None
+    if hasattr(data, "paths") and hasattr(data, "labels"):
+        ds_names = list(getattr(data, "classnames", None) or []) or None
+        paths = [str(p) for p in data.paths]
+        raw = list(data.labels) if data.labels is not None else None
+        if raw is None:
+            return LabeledImages(paths, None, names or ds_names)
+        if names is None:
+            return LabeledImages(paths, [_label_index(x, ds_names, "dataset") for x in raw], ds_names)
+        # user class list given: map the dataset's labels through their names
+        to_name = (lambda x: x if isinstance(x, str) else ds_names[int(x)]) if ds_names else (lambda x: x)
+        return LabeledImages(paths, [_label_index(to_name(x), names, "dataset") for x in raw], names)
+    items = list(data)
+    if items and isinstance(items[0], (tuple, list)):
+        paths = [str(p) for p, _ in items]
+        return LabeledImages(paths, [_label_index(y, names, "data") for _, y in items], names)
+    return LabeledImages([str(p) for p in items], None, names)
+
+
+def classify(
+    model: "VLModel",
+    data: Any,
+    classnames: Sequence[str] | None = None,
+    templates: str | os.PathLike | Sequence[str] = "single",
+    *,
+    batch_size: int = 64,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ZeroShotResult:
+    """Zero-shot classify `data` with `model`.
+
+    `data`: an image folder / CSV / JSONL path, a dataset, a list of image paths or
+    (path, label) pairs. `classnames` defaults to the dataset's. `templates`:
+    "single", "ensemble" (OpenAI's 80), a file or a list. `cache` turns on the image
+    feature cache and the text classifier cache (memory, plus disk under
+    `cache_dir`, default `default_cache_dir()`). Unreadable images are skipped and
+    listed in `result.skipped`.
+    """
+    from vlkit.features import extract_image_features
+
+    items = as_labeled_images(data, classnames)
+    if items.classnames is None:
+        raise VlkitError("class list is empty: the data has no labels; pass class names (--classes FILE)")
+    names = check_classnames(items.classnames)
+    temps = resolve_templates(templates)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    classifier = zeroshot_classifier(
+        model, names, temps, batch_size=max(batch_size, 256), cache=cache, cache_dir=root if cache else None
+    )
+    feats = extract_image_features(model, items.paths, batch_size=batch_size, cache=cache, progress=progress)
+    kept_labels = None
+    if items.labels is not None:
+        # feats.paths is the input order minus skipped files: walk both in step so
+        # a path listed twice with different labels keeps each label.
+        kept_labels, j = [], 0
+        ok = [str(p) for p in feats.paths]
+        for p, y in zip(items.paths, items.labels):
+            if j < len(ok) and ok[j] == p:
+                kept_labels.append(y)
+                j += 1
+    with torch.inference_mode():
+        scores = logits(model, feats.features.to(classifier.device), classifier).cpu()
+    return ZeroShotResult(
+        classnames=names,
+        templates=temps,
+        paths=[str(p) for p in feats.paths],
+        logits=scores,
+        labels=kept_labels,
+        skipped=[(str(p), str(r)) for p, r in feats.skipped],
+        model_fingerprint=model.fingerprint(),
+    )
