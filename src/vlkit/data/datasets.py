@@ -1,0 +1,259 @@
+"""Datasets: lists of (image path, label or caption), never opened here.
+
+A dataset only knows files and labels; images are decoded later by
+`vlkit.features` (or a training loader), so listing a folder of a million
+images costs a directory walk, and a dataset never knows the model.
+
+- `ImageFolderDataset(root)`: one subfolder per class (`root/<class>/**/<image>`),
+  class names sorted, so label indices are the same on every machine.
+- `CaptionTableDataset(path, ...)`: a CSV or JSONL table with an image column
+  and a label and/or caption column; relative image paths are resolved against
+  the table's own folder, so a dataset folder can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from vlkit.data.images import IMAGE_EXTENSIONS
+from vlkit.errors import VlkitError
+
+
+@dataclass(frozen=True)
+class Item:
+    """One example: an image path with its label index and/or caption."""
+
+    path: str
+    label: int | None = None
+    caption: str | None = None
+
+
+class _ItemList:
+    """Shared list behaviour: `len`, indexing, iteration, and column views."""
+
+    items: list[Item]
+    classnames: list[str] | None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Item:
+        return self.items[index]
+
+    def __iter__(self) -> Iterator[Item]:
+        return iter(self.items)
+
+    @property
+    def paths(self) -> list[str]:
+        return [it.path for it in self.items]
+
+    @property
+    def labels(self) -> list[int]:
+        """Label indices; an error if this dataset has no labels."""
+        if any(it.label is None for it in self.items):
+            raise VlkitError(f"{self}: has no labels; give a label column (label_col=...)")
+        return [it.label for it in self.items]  # type: ignore[misc]
+
+    @property
+    def captions(self) -> list[str]:
+        """Captions; an error if this dataset has no captions."""
+        if any(it.caption is None for it in self.items):
+            raise VlkitError(f"{self}: has no captions; give a caption column (caption_col=...)")
+        return [it.caption for it in self.items]  # type: ignore[misc]
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Alias of `classnames` (torchvision's name)."""
+        return self.classnames
+
+
+def find_images(folder: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Every image file under `folder` (recursive, follows links, skips hidden), sorted."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
+                found.append(Path(dirpath, name))
+    return sorted(found)
+
+
+class ImageFolderDataset(_ItemList):
+    """`root/<class>/**/<image>`: one class per subfolder, classes in sorted order.
+
+    A class folder holding no image is an error (it would silently shift every
+    later label index) unless `allow_empty=True`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        extensions: Sequence[str] | None = None,
+        allow_empty: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        exts = frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions) if extensions else IMAGE_EXTENSIONS
+        if not self.root.exists():
+            raise VlkitError(f"{self.root}: image folder does not exist; check the path")
+        if not self.root.is_dir():
+            raise VlkitError(f"{self.root}: is not a folder; give a folder with one subfolder per class")
+        class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            loose = find_images(self.root, exts)
+            hint = f" ({len(loose)} images lie directly in it)" if loose else ""
+            raise VlkitError(
+                f"{self.root}: has no class subfolders{hint}; put the images of each class in root/<class name>/"
+            )
+        self.classnames = [p.name for p in class_dirs]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classnames)}
+        self.items = []
+        empty = []
+        for label, class_dir in enumerate(class_dirs):
+            images = find_images(class_dir, exts)
+            if not images:
+                empty.append(class_dir.name)
+            self.items.extend(Item(str(p), label=label) for p in images)
+        if not self.items:
+            raise VlkitError(
+                f"{self.root}: no images found in its {len(class_dirs)} class folders "
+                f"(extensions: {', '.join(sorted(exts))})"
+            )
+        if empty and not allow_empty:
+            raise VlkitError(
+                f"{self.root}: class folders with no images: {', '.join(empty)}; "
+                "add images or remove them (or pass allow_empty=True)"
+            )
+
+    def __repr__(self) -> str:
+        return f"ImageFolderDataset({str(self.root)!r}, {len(self.items)} images, {len(self.classnames)} classes)"
+
+
+class CaptionTableDataset(_ItemList):
+    """A CSV or JSONL table: an image-path column plus a label and/or caption column.
+
+    Labels may be class names (indices follow `classnames` if given, else the
+    sorted distinct names) or integer indices. A caption cell holding a list
+    gives one item per caption. Relative image paths are relative to the
+    table's folder.
+    """
+
+    classnames: list[str] | None = None
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        image_col: str = "image",
+        label_col: str | None = None,
+        caption_col: str | None = None,
+        classnames: Sequence[str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise VlkitError(f"{self.path}: table does not exist; check the path")
+        if not self.path.is_file():
+            raise VlkitError(f"{self.path}: is not a file; give a .csv or .jsonl table")
+        rows, columns = _read_table(self.path)
+        if not rows:
+            raise VlkitError(f"{self.path}: table has no rows")
+        self.image_col, self.label_col, self.caption_col = image_col, label_col, caption_col
+        for role, col in (("image_col", image_col), ("label_col", label_col), ("caption_col", caption_col)):
+            if col is not None and col not in columns:
+                raise VlkitError(
+                    f"{self.path}: no column {col!r} ({role}); available columns: {', '.join(columns)}"
+                )
+        base = self.path.parent
+        paths = []
+        for line, row in rows:
+            value = row.get(image_col)
+            if value is None or str(value).strip() == "":
+                raise VlkitError(f"{self.path}:{line}: empty {image_col!r} value; every row needs an image path")
+            p = Path(str(value).strip())
+            paths.append(str(p if p.is_absolute() else base / p))
+        labels = self._labels(rows, label_col, classnames) if label_col else [None] * len(rows)
+        self.items = []
+        for (line, row), img, label in zip(rows, paths, labels):
+            if caption_col is None:
+                self.items.append(Item(img, label=label))
+                continue
+            for caption in _captions(self.path, line, caption_col, row.get(caption_col)):
+                self.items.append(Item(img, label=label, caption=caption))
+
+    def _labels(self, rows: list[tuple[int, dict]], col: str, classnames: Sequence[str] | None) -> list[int]:
+        values = [row.get(col) for _, row in rows]
+        for (line, _), v in zip(rows, values):
+            if v is None or (isinstance(v, str) and not v.strip()):
+                raise VlkitError(f"{self.path}:{line}: empty {col!r} value; every row needs a label")
+        if all(_is_int(v) for v in values):
+            indices = [int(v) for v in values]  # type: ignore[arg-type]
+            self.classnames = list(classnames) if classnames is not None else None
+            limit = len(self.classnames) if self.classnames is not None else None
+            for (line, _), i in zip(rows, indices):
+                if i < 0 or (limit is not None and i >= limit):
+                    raise VlkitError(f"{self.path}:{line}: label index {i} out of range for {limit or 'non-negative'} classes")
+            return indices
+        names = [str(v).strip() for v in values]
+        self.classnames = list(classnames) if classnames is not None else sorted(set(names))
+        index = {name: i for i, name in enumerate(self.classnames)}
+        unknown = sorted(set(names) - index.keys())
+        if unknown:
+            raise VlkitError(
+                f"{self.path}: labels not in the class list: {', '.join(unknown[:5])}"
+                f"{' ...' if len(unknown) > 5 else ''}; add them to the class names"
+            )
+        return [index[n] for n in names]
+
+    def __repr__(self) -> str:
+        return f"CaptionTableDataset({str(self.path)!r}, {len(self.items)} items)"
+
+
+def _is_int(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return True
+    return isinstance(v, str) and v.strip().lstrip("-").isdigit()
+
+
+def _captions(path: Path, line: int, col: str, value: Any) -> list[str]:
+    if isinstance(value, list):
+        out = [str(c) for c in value if str(c).strip()]
+    elif value is None or not str(value).strip():
+        out = []
+    else:
+        out = [str(value)]
+    if not out:
+        raise VlkitError(f"{path}:{line}: empty {col!r} value; every row needs a caption")
+    return out
+
+
+def _read_table(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """Rows as (line number, dict) and the column names, from CSV or JSONL."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        rows: list[tuple[int, dict]] = []
+        columns: dict[str, None] = {}
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise VlkitError(f"{path}:{line_no}: not valid JSON ({e.msg}); one JSON object per line") from None
+                if not isinstance(row, dict):
+                    raise VlkitError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                rows.append((line_no, row))
+                columns.update(dict.fromkeys(row))
+        return rows, list(columns)
+    if suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            columns_list = list(reader.fieldnames or [])
+            rows = [(reader.line_num, row) for row in reader]
+        return rows, columns_list
+    raise VlkitError(f"{path}: unsupported table type {suffix or '(none)'}; use .csv, .tsv or .jsonl")
