@@ -53,17 +53,17 @@ class _ItemList:
         return [it.path for it in self.items]
 
     @property
-    def labels(self) -> list[int]:
-        """Label indices; an error if this dataset has no labels."""
+    def labels(self) -> list[int] | None:
+        """Label indices, or None when this dataset has no labels."""
         if any(it.label is None for it in self.items):
-            raise VlkitError(f"{self}: has no labels; give a label column (label_col=...)")
+            return None
         return [it.label for it in self.items]  # type: ignore[misc]
 
     @property
-    def captions(self) -> list[str]:
-        """Captions; an error if this dataset has no captions."""
+    def captions(self) -> list[str] | None:
+        """Captions, or None when this dataset has no captions."""
         if any(it.caption is None for it in self.items):
-            raise VlkitError(f"{self}: has no captions; give a caption column (caption_col=...)")
+            return None
         return [it.caption for it in self.items]  # type: ignore[misc]
 
     @property
@@ -257,3 +257,43 @@ def _read_table(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
             rows = [(reader.line_num, row) for row in reader]
         return rows, columns_list
     raise VlkitError(f"{path}: unsupported table type {suffix or '(none)'}; use .csv, .tsv or .jsonl")
+
+
+# Column names tried, in order, when `open_dataset` reads a table.
+IMAGE_COLUMNS = ("image", "path", "filepath", "file", "filename", "image_path")
+LABEL_COLUMNS = ("label", "class", "classname", "category")
+CAPTION_COLUMNS = ("caption", "text", "title")
+
+
+def open_dataset(
+    path: str | os.PathLike,
+    *,
+    image_col: str | None = None,
+    label_col: str | None = None,
+    caption_col: str | None = None,
+    classnames: Sequence[str] | None = None,
+) -> ImageFolderDataset | CaptionTableDataset:
+    """A folder -> `ImageFolderDataset`; a .csv/.tsv/.jsonl table -> `CaptionTableDataset`.
+
+    For tables, columns not named are picked from the usual names (`image`/`path`,
+    `label`/`class`, `caption`/`text`) when present.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise VlkitError(f"{p}: data path does not exist; give an image folder or a .csv/.jsonl table")
+    if p.is_dir():
+        return ImageFolderDataset(p)
+    _, columns = _read_table(p)
+    pick = lambda given, names: given if given is not None else next((c for c in names if c in columns), None)  # noqa: E731
+    image = pick(image_col, IMAGE_COLUMNS)
+    if image is None:
+        raise VlkitError(
+            f"{p}: no image column (tried {', '.join(IMAGE_COLUMNS)}); available columns: {', '.join(columns)}"
+        )
+    return CaptionTableDataset(
+        p,
+        image_col=image,
+        label_col=pick(label_col, LABEL_COLUMNS),
+        caption_col=pick(caption_col, CAPTION_COLUMNS),
+        classnames=classnames,
+    )
