@@ -105,7 +105,9 @@ def _open_header(path: Path) -> Image.Image:
         try:
             return Image.open(path)
         except Image.UnidentifiedImageError:
-            raise BadImage(path, "not an image (unrecognised format)") from None
+            kind = _sniff(path)
+            reason = f"corrupt {kind} header" if kind else "not an image (unrecognised format)"
+            raise BadImage(path, reason) from None
         except Exception as e:
             raise BadImage(path, f"cannot read header: {_short(e)}") from None
         finally:
@@ -190,6 +192,28 @@ def _high_depth_to_grey(im: Image.Image) -> Image.Image:
         alpha = Image.fromarray(np.where(arr == transparency, 0, 255).astype(np.uint8))
         grey = Image.merge("LA", (grey, alpha))
     return grey
+
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _sniff(path: Path) -> str | None:
+    """The format a file claims by its magic bytes, to tell "corrupt PNG" from "not an image"."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
 
 
 def _short(e: BaseException, limit: int = 120) -> str:
