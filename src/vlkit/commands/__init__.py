@@ -10,7 +10,7 @@ import importlib
 
 import typer
 
-MODULES = []
+MODULES = ["data", "zeroshot"]
 
 
 def register_all(app: typer.Typer) -> None:
