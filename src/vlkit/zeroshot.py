@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -252,7 +253,8 @@ class ZeroShotResult:
             out["n"] = len(self.paths)
         out["num_skipped"] = len(self.skipped)
         out["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
-        return out
+        # JSON has no NaN: a metric with no images to average over is null
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
     def write_predictions(self, path: str | os.PathLike, top_k: int = 5) -> None:
         """predictions.csv: one row per scored image, input order, atomically written."""
@@ -281,37 +283,60 @@ class ZeroShotResult:
         return m
 
 
-def _label_index(label: Any, classnames: list[str] | None, where: str) -> int:
-    if isinstance(label, str):
-        if classnames is None or label not in classnames:
-            raise VlkitError(f"{where}: label '{label}' is not in the class list; add it or fix the label")
-        return classnames.index(label)
-    return int(label)
+def _map_dataset_classes(ds_names: list[str], names: list[str], source: str) -> list[int]:
+    """Index into the user's class list for each dataset class.
+
+    By name when every dataset class appears in the user's list (a subset or a
+    reordering); otherwise, when the counts match, by position (the user's file
+    gives display names for the dataset's sorted classes, like CoOp's classnames.txt).
+    """
+    where = {n: i for i, n in enumerate(names)}
+    if all(n in where for n in ds_names):
+        return [where[n] for n in ds_names]
+    if len(ds_names) == len(names):
+        return list(range(len(names)))
+    missing = [n for n in ds_names if n not in where]
+    raise VlkitError(
+        f"{source} has {len(ds_names)} classes but the class list has {len(names)} and lacks '{missing[0]}'; "
+        "list the dataset's class names, or one name per dataset class in its sorted order"
+    )
 
 
 def as_labeled_images(data: Any, classnames: Sequence[str] | None = None) -> LabeledImages:
-    """Accept a dataset object, a path (image folder, CSV or JSONL), a list of image
-    paths, or a list of (path, label) pairs; labels may be names or indices."""
+    """Accept a dataset (anything with `paths`, `labels`, `classnames`), a path (image
+    folder, CSV or JSONL), a list of image paths, or a list of (path, label) pairs
+    with labels as indices or names. `classnames` overrides the dataset's."""
+    names = check_classnames(classnames, source="class list") if classnames is not None else None
     if isinstance(data, (str, os.PathLike)):
         from vlkit.data.datasets import open_dataset
 
-        data = open_dataset(data)
-    names = list(classnames) if classnames is not None else None
+        p = Path(data)
+        # a table's string labels index straight into the user's list
+        data = open_dataset(p) if p.is_dir() else open_dataset(p, classnames=names)
     if hasattr(data, "paths") and hasattr(data, "labels"):
+        paths = [str(x) for x in data.paths]
+        raw = data.labels
         ds_names = list(getattr(data, "classnames", None) or []) or None
-        paths = [str(p) for p in data.paths]
-        raw = list(data.labels) if data.labels is not None else None
+        source = f"dataset '{getattr(data, 'root', None) or getattr(data, 'path', '')}'"
         if raw is None:
             return LabeledImages(paths, None, names or ds_names)
         if names is None:
-            return LabeledImages(paths, [_label_index(x, ds_names, "dataset") for x in raw], ds_names)
-        # user class list given: map the dataset's labels through their names
-        to_name = (lambda x: x if isinstance(x, str) else ds_names[int(x)]) if ds_names else (lambda x: x)
-        return LabeledImages(paths, [_label_index(to_name(x), names, "dataset") for x in raw], names)
+            return LabeledImages(paths, [int(y) for y in raw], ds_names)
+        if ds_names is None or ds_names == names:
+            return LabeledImages(paths, [int(y) for y in raw], names)
+        mapping = _map_dataset_classes(ds_names, names, source)
+        return LabeledImages(paths, [mapping[int(y)] for y in raw], names)
     items = list(data)
     if items and isinstance(items[0], (tuple, list)):
-        paths = [str(p) for p, _ in items]
-        return LabeledImages(paths, [_label_index(y, names, "data") for _, y in items], names)
+        labels = []
+        for path, y in items:
+            if isinstance(y, str):
+                if names is None or y not in names:
+                    raise VlkitError(f"{path}: label '{y}' is not in the class list; add it or fix the label")
+                labels.append(names.index(y))
+            else:
+                labels.append(int(y))
+        return LabeledImages([str(p) for p, _ in items], labels, names)
     return LabeledImages([str(p) for p in items], None, names)
 
 

@@ -1,0 +1,89 @@
+"""`vlkit zeroshot`: classify a folder or table of images from class names alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="zeroshot")(zeroshot)
+
+
+def zeroshot(
+    model: str = typer.Option(..., "--model", help="Model spec: CLIP folder or id, dual-encoder folder, open_clip:NAME, vlkit-tiny."),
+    data: Path = typer.Option(..., "--data", help="Image folder (one subfolder per class) or a CSV/JSONL table with image and label columns."),
+    classes: Optional[Path] = typer.Option(None, "--classes", help="Text file, one class name per line (default: the dataset's classes)."),
+    templates: str = typer.Option("single", "--templates", help="'single' (a photo of a {}.), 'ensemble' (OpenAI's 80) or a file of templates."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the run folder."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the image-feature and text-classifier caches."),
+    seed: int = typer.Option(0, "--seed", help="Recorded and applied; zero-shot itself draws no random numbers."),
+) -> None:
+    """Zero-shot classification: writes config.json, metrics.json and predictions.csv to a run folder."""
+    from vlkit import runs, zeroshot as zs
+    from vlkit.errors import VlkitError
+    from vlkit.models import load_model
+
+    # Cheap checks first, so a typo fails in a second, before any model loads.
+    if not data.exists():
+        raise VlkitError(f"{data}: data path does not exist; give an image folder or a .csv/.jsonl table")
+    classnames = zs.load_classnames(classes) if classes is not None else None
+    template_list = zs.resolve_templates(templates)
+    items = zs.as_labeled_images(data, classnames)
+    if not items.classnames:
+        raise VlkitError(f"{data}: class list is empty (the data has no labels); pass --classes FILE with one name per line")
+    zs.check_classnames(items.classnames, source=f"class list of {classes or data}")
+
+    runs.seed_everything(seed)
+    vl = load_model(model)
+    result = zs.classify(
+        vl,
+        items,
+        items.classnames,
+        template_list,
+        batch_size=batch_size,
+        cache=not no_cache,
+    )
+    run_dir = runs.new_run_dir(out, "zeroshot")
+    settings = {
+        "model": model,
+        "data": str(data),
+        "classes": str(classes) if classes else None,
+        "templates": templates,
+        "batch_size": batch_size,
+        "cache": not no_cache,
+        "seed": seed,
+        "out": str(out),
+    }
+    runs.write_config(
+        run_dir,
+        settings,
+        command="zeroshot",
+        model_fingerprint=result.model_fingerprint,
+        classnames=result.classnames,
+        prompt_templates=result.templates,
+    )
+    metrics = result.save(run_dir)
+    _print_summary(metrics, result, run_dir)
+
+
+def _print_summary(metrics: dict, result, run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"zero-shot: {len(result.classnames)} classes, {len(result.templates)} template(s)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("images scored", str(len(result.paths)))
+    table.add_row("images skipped", str(metrics["num_skipped"]))
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    if "top1" in metrics:
+        table.add_row("top-1", pct(metrics["top1"]))
+        table.add_row("top-5", pct(metrics["top5"]))
+        table.add_row("mean per-class recall", pct(metrics["mean_per_class_recall"]))
+    console = Console()
+    console.print(table)
+    console.print(f"run folder: {run_dir}")
