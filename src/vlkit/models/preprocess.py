@@ -1,0 +1,203 @@
+"""Image preprocessing with PIL and numpy, reproducing Hugging Face image processors.
+
+The core install has no torchvision, and a model's features are only right if its
+pixels are prepared exactly as in training. `PilImagePreprocess` executes the same
+steps, in the same order and with the same arithmetic, as transformers' PIL image
+processor backend (`CLIPImageProcessor`, `ViTImageProcessor`, ...):
+
+1. convert to RGB, compositing any transparency onto white;
+2. resize: the shortest edge to `size` keeping aspect (`int(size * long / short)`
+   for the long edge), or to an exact (height, width), with the checkpoint's PIL filter;
+3. center crop (zero-padding when the image is smaller than the crop);
+4. rescale (uint8 * factor, computed in float64, stored as float32);
+5. normalize ((x - mean) / std in float32).
+
+The settings are read from the checkpoint's image processor (or stored directly in
+vlkit's own model format) and `describe()` reports every one of them, because they
+are part of the feature-cache key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from math import ceil
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlkit.errors import VlkitError
+
+ResizeMode = Literal["shortest_edge", "exact", "none"]
+
+# PIL resampling filters by name, so configs stay readable.
+RESAMPLE_NAMES = {
+    int(Image.Resampling.NEAREST): "nearest",
+    int(Image.Resampling.LANCZOS): "lanczos",
+    int(Image.Resampling.BILINEAR): "bilinear",
+    int(Image.Resampling.BICUBIC): "bicubic",
+    int(Image.Resampling.BOX): "box",
+    int(Image.Resampling.HAMMING): "hamming",
+}
+RESAMPLE_BY_NAME = {v: k for k, v in RESAMPLE_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Every setting of the pipeline; `None` disables a step."""
+
+    resize: ResizeMode = "shortest_edge"
+    size: tuple[int, int] | int = 224  # shortest_edge: int; exact: (height, width)
+    resample: str = "bicubic"
+    crop_size: tuple[int, int] | None = (224, 224)
+    rescale_factor: float | None = 1 / 255
+    mean: tuple[float, ...] | None = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, ...] | None = (0.26862954, 0.26130258, 0.27577711)
+
+    def __post_init__(self) -> None:
+        if self.resample not in RESAMPLE_BY_NAME:
+            raise VlkitError(f"image preprocessing: unknown resample filter {self.resample!r}; use one of {sorted(RESAMPLE_BY_NAME)}")
+        if self.resize == "exact" and not isinstance(self.size, tuple):
+            object.__setattr__(self, "size", (int(self.size), int(self.size)))
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the produced tensor, when it is fixed."""
+        if self.crop_size is not None:
+            return tuple(self.crop_size)  # type: ignore[return-value]
+        if self.resize == "exact":
+            return tuple(self.size)  # type: ignore[arg-type,return-value]
+        if self.resize == "shortest_edge":
+            raise VlkitError("image preprocessing: a shortest-edge resize without a center crop has no fixed output size")
+        raise VlkitError("image preprocessing: neither resize nor crop gives a fixed output size")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size) if isinstance(self.size, tuple) else self.size
+        for key in ("crop_size", "mean", "std"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise VlkitError(f"image preprocessing: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if isinstance(d.get("size"), list):
+            d["size"] = tuple(d["size"])
+        for key in ("crop_size", "mean", "std"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, processor: Any, source: str = "image processor") -> "PreprocessConfig":
+        """Read the settings of a transformers image processor (its class defaults already applied)."""
+        if getattr(processor, "do_pad", False):
+            raise VlkitError(f"{source}: padding image processors (do_pad=True) are not supported; use a checkpoint without do_pad")
+        size = processor.size
+        get = (lambda k: size.get(k)) if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+        if not getattr(processor, "do_resize", True):
+            resize: ResizeMode = "none"
+            size_value: tuple[int, int] | int = 0
+        elif get("shortest_edge") and not get("longest_edge"):
+            resize, size_value = "shortest_edge", int(get("shortest_edge"))
+        elif get("height") and get("width"):
+            resize, size_value = "exact", (int(get("height")), int(get("width")))
+        else:
+            raise VlkitError(f"{source}: resize setting {dict(size) if isinstance(size, dict) else size} is not supported; "
+                             "vlkit supports shortest_edge or height+width")
+        crop = None
+        if getattr(processor, "do_center_crop", False):
+            cs = processor.crop_size
+            cget = (lambda k: cs.get(k)) if isinstance(cs, dict) else (lambda k: getattr(cs, k, None))
+            crop = (int(cget("height")), int(cget("width")))
+        resample = processor.resample
+        resample = int(resample if resample is not None else Image.Resampling.BILINEAR)
+        if resample not in RESAMPLE_NAMES:
+            raise VlkitError(f"{source}: resample filter {resample} is not a PIL filter")
+        return cls(
+            resize=resize,
+            size=size_value,
+            resample=RESAMPLE_NAMES[resample],
+            crop_size=crop,
+            rescale_factor=float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else None,
+            mean=tuple(float(x) for x in _per_channel(processor.image_mean)) if getattr(processor, "do_normalize", True) else None,
+            std=tuple(float(x) for x in _per_channel(processor.image_std)) if getattr(processor, "do_normalize", True) else None,
+        )
+
+
+def _per_channel(value: Any) -> list[float]:
+    return [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of `image`; transparent pixels are composited onto white (as transformers does)."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """Target (height, width) with the short side at `size`, as transformers computes it."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def center_crop(array: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
+    """Center crop of a [C, H, W] array, zero-padding first when it is smaller than `crop`."""
+    _, h, w = array.shape
+    ch, cw = crop
+    top, left = (h - ch) // 2, (w - cw) // 2
+    if top >= 0 and left >= 0:
+        return array[:, top : top + ch, left : left + cw]
+    nh, nw = max(ch, h), max(cw, w)
+    padded = np.zeros(array.shape[:-2] + (nh, nw), dtype=array.dtype)
+    top_pad, left_pad = ceil((nh - h) / 2), ceil((nw - w) / 2)
+    padded[:, top_pad : top_pad + h, left_pad : left_pad + w] = array
+    top, left = top + top_pad, left + left_pad
+    return padded[:, max(0, top) : min(nh, top + ch), max(0, left) : min(nw, left + cw)]
+
+
+class PilImagePreprocess:
+    """PIL image -> float tensor [3, H, W] for one checkpoint (implements `ImagePreprocess`)."""
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.config = config
+        self.image_size = config.output_size[0]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        cfg = self.config
+        image = to_rgb(image)
+        if cfg.resize != "none":
+            if cfg.resize == "shortest_edge":
+                height, width = shortest_edge_size(image.height, image.width, int(cfg.size))  # type: ignore[arg-type]
+            else:
+                height, width = cfg.size  # type: ignore[misc]
+            image = image.resize((width, height), resample=RESAMPLE_BY_NAME[cfg.resample])
+        array = np.moveaxis(np.asarray(image), -1, 0)
+        if cfg.crop_size is not None:
+            array = center_crop(array, cfg.crop_size)
+        if cfg.rescale_factor is not None:
+            array = (array.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+        if cfg.mean is not None and cfg.std is not None:
+            if not np.issubdtype(array.dtype, np.floating):
+                array = array.astype(np.float32)
+            mean = np.array(cfg.mean, dtype=array.dtype)
+            std = np.array(cfg.std, dtype=array.dtype)
+            array = ((array.T - mean) / std).T
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+    def describe(self) -> dict:
+        return {"implementation": "vlkit.pil", "convert_rgb": "alpha over white", **self.config.to_dict()}
+
+    def __repr__(self) -> str:
+        return f"PilImagePreprocess({self.config})"
