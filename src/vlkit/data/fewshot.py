@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vlkit import io
+from vlkit.data.recipes import SAMPLE_DIR
 from vlkit.data.tasks import Task
 from vlkit.errors import VlkitError
 
@@ -54,12 +55,15 @@ def fewshot_path(task: Task, k: int, seed: int) -> Path:
     return task.split_dir / "fewshot" / f"shot_{k}-seed_{seed}.json"
 
 
-def load_fewshot(task: Task, k: int, seed: int, write: bool = True) -> Task:
+def load_fewshot(task: Task, k: int, seed: int, write: bool | None = None) -> Task:
     """The task with its train/val replaced by the K-shot draw for `seed` (test unchanged).
 
     Reads the split file when it exists for this task version, else draws and
-    (when `write`) saves it, so later methods read exactly the same shots.
+    saves it (unless `write` is False; by default not into the bundled sample),
+    so later methods read exactly the same shots.
     """
+    if write is None:
+        write = task.data_dir != SAMPLE_DIR
     path = fewshot_path(task, k, seed)
     data = None
     if path.exists():

@@ -31,12 +31,6 @@ def _top(counter: Counter, top: int) -> list[tuple[str, int]]:
     return sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0])))[:top]
 
 
-def _style_of(rel: str) -> str:
-    """Style from a split path `<dataset>/images/<style>/...`."""
-    parts = rel.split("/")
-    return parts[2] if len(parts) > 3 and parts[1] == "images" else parts[0]
-
-
 def dataset_card(name: str, data_dir: Path, top: int = 15) -> str:
     """Card for a built dataset (emoji, emoji-facebook, openclipart) or for a task."""
     meta = built_dir(data_dir, name) / "metadata.jsonl"
@@ -85,13 +79,15 @@ def _dataset_card(name: str, data_dir: Path, top: int) -> str:
 def task_card(task: Task, top: int = 15) -> str:
     """Card for a task: classes, templates, split sizes by style, per-class counts, licences."""
     licences: dict[str, str] = {}
+    style_of: dict[str, str] = {}
     for dataset in task.definition["datasets"]:
         for r in read_jsonl(built_dir(task.data_dir, dataset) / "metadata.jsonl"):
             licences.setdefault(r["style"], r.get("licence", "unknown"))
+            style_of[f"{dataset}/{r['image']}"] = r["style"]
     out = [f"# task {task.name}", "", task.description, "", f"Classes: {task.num_classes}",
            "Templates: " + " | ".join(task.templates), f"Split files: {task.split_dir}"]
-    styles = sorted({_style_of(p) for rows in task.splits.values() for p, _ in rows})
-    by_split = {s: Counter(_style_of(p) for p, _ in task.splits[s]) for s in SPLIT_NAMES}
+    styles = sorted({style_of[p] for rows in task.splits.values() for p, _ in rows})
+    by_split = {s: Counter(style_of[p] for p, _ in task.splits[s]) for s in SPLIT_NAMES}
     out += ["", "## Splits by style", "",
             table(["split", "total", *styles], [[s, len(task.splits[s]), *(by_split[s][st] for st in styles)] for s in SPLIT_NAMES])]
     out += ["", "## Licences", "", table(["style", "licence"], [[s, licences.get(s, "unknown")] for s in styles])]

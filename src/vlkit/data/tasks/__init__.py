@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vlkit import io
-from vlkit.data.recipes import built_dir, read_jsonl, resolve_data_dir
+from vlkit.data.recipes import SAMPLE_DIR, built_dir, read_jsonl, resolve_data_dir
 from vlkit.errors import VlkitError
 
 DEFINITIONS_DIR = Path(__file__).resolve().parent
@@ -214,9 +214,15 @@ def _materialise(spec: dict[str, Any], data_dir: Path) -> dict[str, Any]:
     return {"classnames": _display_names(keys, spec), "class_keys": keys, **{s: [list(x) for x in v] for s, v in splits.items()}}
 
 
-def load_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
-    """Load task `name` on the data dir (default as in `resolve_data_dir`; 'sample' = bundled sample)."""
+def load_task(name: str, data_dir: str | os.PathLike | None = None, write: bool | None = None) -> Task:
+    """Load task `name` on the data dir (default as in `resolve_data_dir`; 'sample' = bundled sample).
+
+    The split file is written unless `write` is False; by default the bundled
+    sample is never written to (its split files ship with it).
+    """
     root = resolve_data_dir(data_dir)
+    if write is None:
+        write = root != SAMPLE_DIR
     def_path = definition_path(name, root)
     spec = _read_definition(def_path)
     for dataset in spec["datasets"]:
@@ -238,10 +244,11 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
         data = {"task": name, "fingerprint": fingerprint, **_materialise(spec, root)}
         if not data["classnames"] or not data["train"]:
             raise VlkitError(f"{name}: no training rows in {root}; check that the task's datasets are fully built")
-        try:
-            io.write_json(split_file, data)
-        except OSError:
-            pass  # a read-only data dir (e.g. an installed package): the split is still deterministic
+        if write:
+            try:
+                io.write_json(split_file, data)
+            except OSError:
+                pass  # a read-only data dir: the split is deterministic, so nothing is lost
     return Task(
         name=name,
         description=spec.get("description", ""),
