@@ -258,3 +258,22 @@ def test_progress_bar_runs_on_stderr(tmp_path, capsys):
     extract_image_features(FakeModel(), _good_images(folder, 3), batch_size=2, cache=False, progress=True)
     captured = capsys.readouterr()
     assert captured.out == "" and "3/3" in captured.err
+
+
+def test_real_tiny_clip_model_end_to_end(tiny_clip_model, messy_folder, tmp_path):
+    """The loaded HF CLIP adapter through the same path: features equal its own encode_image,
+    the cache keys on its real fingerprint and preprocessing description."""
+    paths, bad = messy_folder
+    store = FeatureCache(tmp_path)
+    cold = extract_image_features(tiny_clip_model, paths, batch_size=3, cache=store, num_workers=2, progress=False)
+    good = [p for p in paths if Path(p).name not in bad]
+    assert cold.paths == good and sorted(Path(p).name for p, _ in cold.skipped) == sorted(bad)
+    assert cold.features.shape == (len(good), tiny_clip_model.embed_dim)
+    with torch.inference_mode():
+        x = torch.stack([tiny_clip_model.preprocess(load_image(p)) for p in good])
+        ref = tiny_clip_model.encode_image(x)
+    torch.testing.assert_close(cold.features, ref.float(), atol=1e-5, rtol=0)
+    warm = extract_image_features(tiny_clip_model, paths, batch_size=3, cache=store, progress=False)
+    assert warm.cache_hits == len(good) and warm.encoded == 0 and torch.equal(warm.features, cold.features)
+    shard = store.shard(tiny_clip_model.fingerprint(), tiny_clip_model.preprocess.describe())
+    assert shard.path.exists() and len(shard) == len(good)
