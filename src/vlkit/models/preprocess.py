@@ -5,10 +5,12 @@ pixels are prepared exactly as in training. `PilImagePreprocess` executes the sa
 steps, in the same order and with the same arithmetic, as transformers' PIL image
 processor backend (`CLIPImageProcessor`, `ViTImageProcessor`, ...):
 
-1. convert to RGB, compositing any transparency onto white;
+1. convert to RGB, compositing any transparency onto white (`alpha="drop"`
+   instead follows open_clip: resize first, then `convert("RGB")`);
 2. resize: the shortest edge to `size` keeping aspect (`int(size * long / short)`
    for the long edge), or to an exact (height, width), with the checkpoint's PIL filter;
-3. center crop (zero-padding when the image is smaller than the crop);
+3. center crop (zero-padding when the image is smaller than the crop; the offset
+   is floored as in transformers, or rounded as in torchvision with `crop_rounding="round"`);
 4. rescale (uint8 * factor, computed in float64, stored as float32);
 5. normalize ((x - mean) / std in float32).
 
@@ -30,6 +32,10 @@ from PIL import Image
 from vlkit.errors import VlkitError
 
 ResizeMode = Literal["shortest_edge", "exact", "none"]
+# "floor": top = (h - crop_h) // 2 (transformers); "round": int(round((h - crop_h) / 2)) (torchvision, open_clip).
+CropRounding = Literal["floor", "round"]
+# "white": composite transparency onto white (transformers); "drop": image.convert("RGB") (open_clip).
+AlphaMode = Literal["white", "drop"]
 
 # PIL resampling filters by name, so configs stay readable.
 RESAMPLE_NAMES = {
@@ -54,6 +60,8 @@ class PreprocessConfig:
     rescale_factor: float | None = 1 / 255
     mean: tuple[float, ...] | None = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, ...] | None = (0.26862954, 0.26130258, 0.27577711)
+    crop_rounding: CropRounding = "floor"
+    alpha: AlphaMode = "white"
 
     def __post_init__(self) -> None:
         if self.resample not in RESAMPLE_BY_NAME:
@@ -135,8 +143,10 @@ def _per_channel(value: Any) -> list[float]:
     return [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of `image`; transparent pixels are composited onto white (as transformers does)."""
+def to_rgb(image: Image.Image, alpha: AlphaMode = "white") -> Image.Image:
+    """RGB copy of `image`; transparent pixels are composited onto white (as transformers does) or dropped."""
+    if alpha == "drop":
+        return image.convert("RGB")
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -152,11 +162,14 @@ def shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
-def center_crop(array: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
+def center_crop(array: np.ndarray, crop: tuple[int, int], rounding: CropRounding = "floor") -> np.ndarray:
     """Center crop of a [C, H, W] array, zero-padding first when it is smaller than `crop`."""
     _, h, w = array.shape
     ch, cw = crop
-    top, left = (h - ch) // 2, (w - cw) // 2
+    if rounding == "round" and h >= ch and w >= cw:
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    else:
+        top, left = (h - ch) // 2, (w - cw) // 2
     if top >= 0 and left >= 0:
         return array[:, top : top + ch, left : left + cw]
     nh, nw = max(ch, h), max(cw, w)
@@ -176,16 +189,19 @@ class PilImagePreprocess:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         cfg = self.config
-        image = to_rgb(image)
+        # transformers converts before resizing; open_clip (torchvision) resizes the original, then converts.
+        if cfg.alpha == "white":
+            image = to_rgb(image, cfg.alpha)
         if cfg.resize != "none":
             if cfg.resize == "shortest_edge":
                 height, width = shortest_edge_size(image.height, image.width, int(cfg.size))  # type: ignore[arg-type]
             else:
                 height, width = cfg.size  # type: ignore[misc]
             image = image.resize((width, height), resample=RESAMPLE_BY_NAME[cfg.resample])
+        image = to_rgb(image, cfg.alpha)
         array = np.moveaxis(np.asarray(image), -1, 0)
         if cfg.crop_size is not None:
-            array = center_crop(array, cfg.crop_size)
+            array = center_crop(array, cfg.crop_size, cfg.crop_rounding)
         if cfg.rescale_factor is not None:
             array = (array.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
         if cfg.mean is not None and cfg.std is not None:
@@ -197,7 +213,7 @@ class PilImagePreprocess:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
     def describe(self) -> dict:
-        return {"implementation": "vlkit.pil", "convert_rgb": "alpha over white", **self.config.to_dict()}
+        return {"implementation": "vlkit.pil", **self.config.to_dict()}
 
     def __repr__(self) -> str:
         return f"PilImagePreprocess({self.config})"

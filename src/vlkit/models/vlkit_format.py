@@ -93,8 +93,11 @@ def sentence_pooling(folder: Path) -> TextPooling | None:
 def _load_text_tower(folder: Path) -> nn.Module:
     from transformers import AutoModel
 
+    from vlkit.models.hf import quiet_transformers
+
     try:
-        return AutoModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+        with quiet_transformers():
+            return AutoModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise VlkitError(f"text tower at {folder}: cannot be loaded ({exc})") from None
 
