@@ -230,3 +230,13 @@ def test_class_files_and_bad_class_lists(tmp_path):
         zeroshot.check_classnames(["cat", "dog", "cat"])
     with pytest.raises(VlkitError, match="is empty"):
         zeroshot.zeroshot_classifier(TableModel(TABLE), [], TEMPLATES)
+
+
+def test_classifier_is_a_normal_tensor_usable_with_autograd():
+    # few-shot methods start from the zero-shot weights and train on top of them
+    for cache in (True, False):
+        w = zeroshot.zeroshot_classifier(TableModel(TABLE), ["cat", "dog"], TEMPLATES, cache=cache)
+        assert not w.is_inference()
+        x = torch.ones(1, 3, requires_grad=True)
+        (x @ w.T).sum().backward()
+        assert x.grad is not None

@@ -24,12 +24,15 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
 from vlkit.errors import VlkitError
 
 if TYPE_CHECKING:
+    import torch
+
     from vlkit.models.base import VLModel
+
+# torch is imported inside functions: the CLI checks paths, class lists and
+# templates first, and a typo should fail in a moment, not after loading torch.
 
 SINGLE_TEMPLATE = "a photo of a {}."
 PLACEHOLDER = "{}"
@@ -98,7 +101,7 @@ def check_classnames(classnames: Sequence[str], source: str = "class list") -> l
     """Reject an empty list or duplicates: either makes the classifier meaningless."""
     names = [str(c) for c in classnames]
     if not names:
-        raise VlkitError(f"{source} is empty; give at least two class names (one per line)")
+        raise VlkitError(f"{source} is empty; give the class names, one per line")
     seen: set[str] = set()
     dupes = [c for c in names if c in seen or seen.add(c)]
     if dupes:
@@ -130,14 +133,24 @@ def default_cache_dir() -> Path:
 
 def ensemble(features: torch.Tensor) -> torch.Tensor:
     """[C, T, D] prompt features -> [C, D]: normalise each, average over T, renormalise."""
+    import torch
+
     features = torch.nn.functional.normalize(features.float(), dim=-1)
     return torch.nn.functional.normalize(features.mean(dim=1), dim=-1)
 
 
-@torch.inference_mode()
 def _encode_classifier(model: "VLModel", classnames: list[str], templates: list[str], batch_size: int) -> torch.Tensor:
     """Encode in chunks of whole classes (about `batch_size` prompts each) and reduce
     each chunk at once, so memory holds [chunk, T, D], never [C, T, D]."""
+    import torch
+
+    with torch.inference_mode():
+        return _encode_chunks(model, classnames, templates, batch_size)
+
+
+def _encode_chunks(model: "VLModel", classnames: list[str], templates: list[str], batch_size: int) -> torch.Tensor:
+    import torch
+
     n_t = len(templates)
     classes_per_chunk = max(1, batch_size // n_t)
     out = []
@@ -170,7 +183,7 @@ def zeroshot_classifier(
     names = check_classnames(classnames)
     temps = resolve_templates(templates)
     if not cache:
-        return _encode_classifier(model, names, temps, batch_size)
+        return _encode_classifier(model, names, temps, batch_size).clone()  # clone: a normal, autograd-usable tensor
     key = _cache_key(model.fingerprint(), names, temps)
     if key in _MEMORY_CACHE:
         _MEMORY_CACHE.move_to_end(key)
@@ -187,7 +200,7 @@ def zeroshot_classifier(
         if weights is not None and weights.shape[0] != len(names):
             weights = None
     if weights is None:
-        weights = _encode_classifier(model, names, temps, batch_size).cpu()
+        weights = _encode_classifier(model, names, temps, batch_size).cpu().clone()
         if disk is not None:
             from vlkit import io
 
@@ -205,6 +218,8 @@ def clear_memory_cache() -> None:
 
 def logits(model: "VLModel", image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """CLIP logits: logit_scale * cosine similarity, [N, C]."""
+    import torch
+
     img = torch.nn.functional.normalize(image_features.float(), dim=-1)
     scale = model.logit_scale.detach().float().to(img.device)
     return scale * img @ classifier.float().to(img.device).T
@@ -360,6 +375,8 @@ def classify(
     `cache_dir`, default `default_cache_dir()`). Unreadable images are skipped and
     listed in `result.skipped`.
     """
+    import torch
+
     from vlkit.features import extract_image_features
 
     items = as_labeled_images(data, classnames)
@@ -382,7 +399,7 @@ def classify(
             if j < len(ok) and ok[j] == p:
                 kept_labels.append(y)
                 j += 1
-    with torch.inference_mode():
+    with torch.no_grad():
         scores = logits(model, feats.features.to(classifier.device), classifier).cpu()
     return ZeroShotResult(
         classnames=names,

@@ -25,7 +25,6 @@ def zeroshot(
     """Zero-shot classification: writes config.json, metrics.json and predictions.csv to a run folder."""
     from vlkit import runs, zeroshot as zs
     from vlkit.errors import VlkitError
-    from vlkit.models import load_model
 
     # Cheap checks first, so a typo fails in a second, before any model loads.
     if not data.exists():
@@ -36,6 +35,8 @@ def zeroshot(
     if not items.classnames:
         raise VlkitError(f"{data}: class list is empty (the data has no labels); pass --classes FILE with one name per line")
     zs.check_classnames(items.classnames, source=f"class list of {classes or data}")
+
+    from vlkit.models import load_model  # torch and transformers load only once the inputs are known good
 
     runs.seed_everything(seed)
     vl = load_model(model)
