@@ -1,0 +1,83 @@
+"""Reading a learned prompt back: the nearest vocabulary tokens of each context vector.
+
+As the CoOp paper's interpretation (Sec. 4.5): for every learned vector, the
+vocabulary tokens whose word embeddings are closest in Euclidean distance. The
+learned vectors need not lie near any word, so the distances are reported too;
+a large one says the nearest word explains little.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlkit.models.base import VLModel
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    token: str
+    token_id: int
+    distance: float
+
+
+@torch.no_grad()
+def vocabulary_embeddings(model: VLModel, chunk: int = 8192) -> torch.Tensor:
+    """[vocab, width] word embeddings of every token id, looked up in chunks."""
+    vocab = int(model.tokenizer.vocab_size)
+    rows = []
+    for start in range(0, vocab, chunk):
+        ids = torch.arange(start, min(start + chunk, vocab), device=model.device).unsqueeze(0)
+        rows.append(model.token_embedding(ids)[0].float())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def nearest_tokens(model: VLModel, ctx: torch.Tensor, k: int = 3) -> list:
+    """Nearest `k` tokens of each context vector.
+
+    ctx [M, W] (unified) gives a list of M lists of `Neighbour`; ctx [C, M, W]
+    (class-specific) gives a list of C such lists.
+    """
+    if ctx.dim() == 3:
+        return [nearest_tokens(model, c, k) for c in ctx]
+    vocab = vocabulary_embeddings(model)
+    dist = torch.cdist(ctx.detach().float().to(vocab.device), vocab)
+    d, idx = dist.topk(min(k, vocab.shape[0]), dim=1, largest=False)
+    tok = model.tokenizer
+    return [
+        [Neighbour(tok.id_to_token(int(i)), int(i), float(v)) for v, i in zip(drow, irow)]
+        for drow, irow in zip(d, idx)
+    ]
+
+
+def _clean(token: str) -> str:
+    """Tokenizer-internal markers off, for display (CLIP's '</w>', WordPiece's '##')."""
+    return token.replace("</w>", "").removeprefix("##") or token
+
+
+def describe(neighbours: list, classnames: list[str] | None = None) -> str:
+    """A readable table: one line per context vector (per class for CSC)."""
+    lines: list[str] = []
+
+    def block(rows: list[list[Neighbour]], indent: str = "") -> None:
+        for m, row in enumerate(rows, 1):
+            words = ", ".join(f"{_clean(n.token)} ({n.distance:.3f})" for n in row)
+            lines.append(f"{indent}ctx {m:>2}: {words}")
+        lines.append(f"{indent}nearest words: " + " ".join(_clean(row[0].token) for row in rows))
+
+    if neighbours and isinstance(neighbours[0][0], list):
+        for c, rows in enumerate(neighbours):
+            lines.append(f"class {classnames[c] if classnames else c}:")
+            block(rows, "  ")
+    else:
+        block(neighbours)
+    return "\n".join(lines)
+
+
+def as_json(neighbours: list) -> list:
+    """Plain lists of {token, id, distance} for metrics/prompt JSON files."""
+    if neighbours and isinstance(neighbours[0][0], list):
+        return [as_json(rows) for rows in neighbours]
+    return [[{"token": n.token, "id": n.token_id, "distance": round(n.distance, 6)} for n in row] for row in neighbours]
