@@ -1,0 +1,117 @@
+"""What to index: an image folder or a caption table (CSV/JSONL), read into items.
+
+An item is one image (absolute path), the row's other fields as metadata, and the
+captions that describe it. Several rows naming the same image (COCO-style, five
+captions per image) become one item with several captions, so retrieval metrics can
+count a hit when *any* true caption is found.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlkit.data.datasets import find_images
+from vlkit.errors import VlkitError
+
+TABLE_EXTENSIONS = frozenset({".csv", ".jsonl"})
+
+
+@dataclass
+class SourceItem:
+    """One image to index, with its row metadata and its captions (possibly none)."""
+
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    captions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Source:
+    """Items read from one folder or table, and the folder their paths are relative to."""
+
+    items: list[SourceItem]
+    root: Path
+    description: dict[str, Any]
+
+
+def _read_rows(table: Path) -> list[dict[str, Any]]:
+    if table.suffix.lower() == ".csv":
+        with table.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    rows = []
+    for n, line in enumerate(table.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise VlkitError(f"{table}:{n}: not valid JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise VlkitError(f"{table}:{n}: expected a JSON object per line")
+        rows.append(row)
+    return rows
+
+
+def _captions(row: dict[str, Any], caption_field: str | None, template: str | None, where: str) -> list[str]:
+    """The row's captions: the template filled from the row, or the field (a string or a list of strings)."""
+    if template is not None:
+        try:
+            return [template.format(**row)]
+        except KeyError as e:
+            raise VlkitError(f"{where}: caption template {template!r} names field {e} which the row lacks") from None
+    if caption_field is None:
+        return []
+    value = row.get(caption_field)
+    values = value if isinstance(value, list) else [value]
+    return [str(v) for v in values if v is not None and str(v).strip()]
+
+
+def read_source(
+    source: str | Path,
+    *,
+    image_field: str = "image",
+    caption_field: str | None = "caption",
+    caption_template: str | None = None,
+) -> Source:
+    """Read an image folder (recursively) or a CSV/JSONL caption table.
+
+    Table image paths are relative to the table's folder (absolute ones are kept).
+    `caption_template` (e.g. "an emoji of {label}") formats each row into its caption
+    and takes precedence over `caption_field`; a table without captions is fine.
+    """
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise VlkitError(f"{src}: does not exist; pass an image folder or a .csv/.jsonl caption table")
+    desc: dict[str, Any] = {"source": str(src.resolve())}
+    if src.is_dir():
+        paths = find_images(src)
+        if not paths:
+            raise VlkitError(f"{src}: no image files found (searched recursively); check the folder")
+        return Source([SourceItem(p.resolve()) for p in paths], src.resolve(), desc)
+    if src.suffix.lower() not in TABLE_EXTENSIONS:
+        raise VlkitError(f"{src}: not a folder, .csv or .jsonl; pass an image folder or a caption table")
+    rows = _read_rows(src)
+    if not rows:
+        raise VlkitError(f"{src}: the table has no rows")
+    if image_field not in rows[0]:
+        raise VlkitError(f"{src}: no '{image_field}' column (has {sorted(rows[0])}); pass --image-field")
+    desc.update(image_field=image_field, caption_field=caption_field, caption_template=caption_template)
+    base = src.resolve().parent
+    by_path: dict[Path, SourceItem] = {}
+    for n, row in enumerate(rows, start=1):
+        rel = row.get(image_field)
+        if not rel:
+            raise VlkitError(f"{src}: row {n} has an empty '{image_field}'; fill it or remove the row")
+        path = (base / str(rel)).resolve()
+        item = by_path.get(path)
+        if item is None:
+            meta = {k: v for k, v in row.items() if k != image_field}
+            item = by_path[path] = SourceItem(path, meta)
+        for text in _captions(row, caption_field, caption_template, f"{src} row {n}"):
+            if text not in item.captions:
+                item.captions.append(text)
+    return Source(list(by_path.values()), base, desc)
