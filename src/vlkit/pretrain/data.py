@@ -1,0 +1,236 @@
+"""Image-caption pairs for pretraining, from built `metadata.jsonl` datasets.
+
+Web alt-text taught CLIP the words downstream tasks use; here the captions are
+written from every label a row carries (emoji: name, tags, group, subgroup in
+English and Chinese; clip-art: category path and the noisy file-name caption),
+each in several phrasings. Every step draws one caption per image.
+
+Images are small built thumbnails, so the whole training set is decoded once
+into a uint8 tensor; batches are index lookups. The order of the global batch
+and every random draw (caption choice, augmentation) are pure functions of
+(seed, epoch, step), which makes resume exact and makes N processes see exactly
+the slices of the batch one process would see.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from vlkit.errors import VlkitError
+
+HELD_OUT_STYLES = frozenset({"facebook"})
+# Emoji whose meaning a mirror image changes (direction, text, flags) are never flipped.
+NO_FLIP_GROUPS = frozenset({"flags", "symbols", "component"})
+
+
+def _human(s: str) -> str:
+    """'face-smiling' / 'Smileys & Emotion' -> words a caption would use."""
+    return s.replace("-", " ").replace("_", " ").strip()
+
+
+def _uniq(items: Sequence[str]) -> list[str]:
+    seen, out = set(), []
+    for x in items:
+        x = " ".join(str(x).split())
+        if x and x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
+
+
+def emoji_captions(row: dict, languages: Sequence[str] = ("en", "zh")) -> list[str]:
+    """Captions for one emoji row: its name, tags, group and subgroup, several phrasings."""
+    label = _human(str(row.get("label") or ""))
+    if not label:
+        return []
+    group = _human(str(row.get("group") or ""))
+    subgroup = _human(str(row.get("subgroup") or ""))
+    tags = [_human(t) for t in (row.get("tags") or []) if t]
+    caps = [
+        label,
+        f"an emoji of {label}.",
+        f"a {label} emoji.",
+        f"a picture of {label}.",
+        f"an icon of {label}.",
+    ]
+    if group:
+        caps += [f"an emoji of {label}, from the {group} group.", f"a {group} emoji.", f"{group}: {label}"]
+    if subgroup:
+        caps += [f"a {subgroup} emoji: {label}.", f"an emoji in the {subgroup} category."]
+    if group and subgroup:
+        caps.append(f"{label}, a {subgroup} emoji ({group}).")
+    for t in tags[:6]:
+        caps += [f"an emoji of {t}.", f"{label}, {t}"]
+    if tags:
+        caps.append(f"{label}: " + ", ".join(tags[:6]))
+    if "zh" in languages:
+        label_zh = str(row.get("label_zh") or "").strip()
+        tags_zh = [str(t).strip() for t in (row.get("tags_zh") or []) if t]
+        if label_zh:
+            caps += [label_zh, f"{label_zh}的表情符号", f"一个{label_zh}表情"]
+        for t in tags_zh[:4]:
+            caps.append(f"{t}表情")
+        if label_zh and tags_zh:
+            caps.append(f"{label_zh}：" + "，".join(tags_zh[:4]))
+    return _uniq(caps)
+
+
+def clipart_captions(row: dict, languages: Sequence[str] = ("en", "zh")) -> list[str]:
+    """Captions for one clip-art row: category path words plus the file-name caption."""
+    category = str(row.get("category") or "")
+    parts = [_human(p) for p in category.replace("\\", "/").split("/") if p]
+    leaf = parts[-1] if parts else ""
+    noisy = _human(str(row.get("caption") or ""))
+    caps = []
+    if leaf:
+        caps += [leaf, f"clip art of {leaf}.", f"a drawing of {leaf}.", f"an illustration of {leaf}.", f"a {leaf} clip art image."]
+    if len(parts) > 1:
+        caps.append(f"clip art: {' / '.join(parts)}")
+    if noisy:
+        caps += [noisy, f"clip art of {noisy}."]
+        if leaf:
+            caps.append(f"{noisy}, {leaf} clip art")
+    return _uniq(caps)
+
+
+def row_captions(row: dict, languages: Sequence[str] = ("en", "zh")) -> list[str]:
+    if row.get("style") == "openclipart" or "category" in row:
+        return clipart_captions(row, languages)
+    return emoji_captions(row, languages)
+
+
+def row_flip_ok(row: dict) -> bool:
+    if row.get("style") == "openclipart" or "category" in row:
+        return True
+    group = str(row.get("group") or "").lower()
+    subgroup = str(row.get("subgroup") or "").lower()
+    return not any(g in group for g in NO_FLIP_GROUPS) and "arrow" not in subgroup and "flag" not in group
+
+
+@dataclass
+class PairTable:
+    """Training rows: image paths, their caption ids, and the unique caption strings."""
+
+    image_paths: list[Path]
+    caption_ids: list[list[int]]
+    captions: list[str]
+    flip_ok: list[bool]
+    styles: list[str]
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+
+def resolve_metadata(source: str, data_dir: Path) -> Path:
+    p = Path(source).expanduser()
+    if p.suffix == ".jsonl":
+        return p
+    if p.is_dir() and (p / "metadata.jsonl").exists():
+        return p / "metadata.jsonl"
+    return data_dir / "built" / source / "metadata.jsonl"
+
+
+def _train_split_images(task_name: str, data_dir: Path) -> set[str]:
+    """Resolved image paths of a task's train split (only those are trained on)."""
+    from vlkit.data.tasks import load_task
+
+    task = load_task(task_name, data_dir=data_dir)
+    return {str(p) for p in task_split_paths(task, "train")}
+
+
+def task_split_paths(task, split: str) -> list[Path]:
+    """Absolute image paths of a task split, in order."""
+    items = task.split_items(split) if hasattr(task, "split_items") else task.splits[split]
+    root = Path(getattr(task, "root", ""))
+    return [(root / str(rel)).resolve() for rel, _ in items]
+
+
+def load_pairs(
+    sources: Sequence[str],
+    data_dir: Path,
+    styles: Sequence[str],
+    train_split_tasks: dict | None = None,
+    languages: Sequence[str] = ("en", "zh"),
+) -> PairTable:
+    """Read the training rows of every source, keeping only allowed styles and train splits."""
+    allowed = {s.lower() for s in styles} - HELD_OUT_STYLES
+    caption_index: dict[str, int] = {}
+    table = PairTable([], [], [], [], [])
+    for source in sources:
+        meta = resolve_metadata(source, data_dir)
+        if not meta.exists():
+            raise VlkitError(
+                f"{meta}: no built dataset '{source}'; run `vlkit data fetch {source}` and "
+                f"`vlkit data build {source}`, or set data.data_dir / --data-dir"
+            )
+        task = (train_split_tasks or {}).get(source)
+        keep = _train_split_images(task, data_dir) if task else None
+        with open(meta, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        for row in rows:
+            style = str(row.get("style", "")).lower()
+            if style not in allowed:
+                continue
+            path = (meta.parent / row["image"]).resolve()
+            if keep is not None and str(path) not in keep:
+                continue
+            caps = row_captions(row, languages)
+            if not caps:
+                continue
+            ids = []
+            for c in caps:
+                if c not in caption_index:
+                    caption_index[c] = len(table.captions)
+                    table.captions.append(c)
+                ids.append(caption_index[c])
+            table.image_paths.append(path)
+            table.caption_ids.append(ids)
+            table.flip_ok.append(row_flip_ok(row))
+            table.styles.append(style)
+    if not table.image_paths:
+        raise VlkitError(f"{', '.join(sources)}: no training rows with styles {sorted(allowed)}; check data.sources and data.styles")
+    return table
+
+
+def load_image_tensor(paths: Sequence[Path], image_size: int) -> torch.Tensor:
+    """Decode every image once into uint8 [N, 3, S, S] (thumbnails are small)."""
+    from PIL import Image
+
+    from vlkit.data.images import load_image
+
+    out = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.uint8)
+    for i, p in enumerate(paths):
+        im = load_image(p)
+        if im.size != (image_size, image_size):
+            im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return out
+
+
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """The generator for every random draw of one global batch."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + epoch * 10_007 + step) % (2**63 - 1))
+    return g
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator()
+    g.manual_seed((seed * 7_919 + epoch) % (2**63 - 1))
+    return torch.randperm(n, generator=g)
+
+
+def sample_captions(caption_ids: Sequence[Sequence[int]], rows: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One caption id per row, uniformly among that row's captions."""
+    u = torch.rand(len(rows), generator=g, dtype=torch.float64)
+    out = torch.empty(len(rows), dtype=torch.long)
+    for j, r in enumerate(rows.tolist()):
+        ids = caption_ids[r]
+        out[j] = ids[min(int(u[j] * len(ids)), len(ids) - 1)]
+    return out
