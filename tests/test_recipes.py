@@ -354,6 +354,20 @@ def test_missing_dpkg_deb_names_the_folder(tmp_path: Path, monkeypatch) -> None:
         unpack_deb(archive, tmp_path / "root")
 
 
+def test_build_before_fetch_and_writing_the_sample_are_refused(tmp_path: Path, capsys) -> None:
+    with pytest.raises(VlkitError, match=r"emojibase-data/package: not found; run `vlkit data fetch emoji` first"):
+        emoji.build(tmp_path, progress=False)
+    with pytest.raises(VlkitError, match=r"png: not found; run `vlkit data fetch openclipart` first"):
+        openclipart.build(tmp_path, progress=False)
+    for args in (["data", "build", "emoji"], ["data", "fetch", "openclipart"], ["data", "splits"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--data-dir", "sample"])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip() == (
+            "error: --data-dir sample: the bundled sample is read-only; pass another folder (or none for the default)"
+        )
+
+
 def test_data_dir_resolution(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("VLKIT_DATA", raising=False)
     assert resolve_data_dir() == Path(os.path.expanduser("~/.cache/vlkit/data"))

@@ -14,13 +14,24 @@ DataDirOpt = typer.Option(
 )
 
 
+def _writable_data_dir(data_dir: Optional[str]):
+    """The data dir to fetch or build into; the bundled sample is never written to."""
+    from vlkit.data.recipes import SAMPLE_DIR, resolve_data_dir
+    from vlkit.errors import VlkitError
+
+    root = resolve_data_dir(data_dir)
+    if root == SAMPLE_DIR:
+        raise VlkitError("--data-dir sample: the bundled sample is read-only; pass another folder (or none for the default)")
+    return root
+
+
 @data_app.command("fetch")
 def fetch_cmd(recipe: str = typer.Argument(..., help="emoji or openclipart"), data_dir: Optional[str] = DataDirOpt) -> None:
     """Download the recipe's pinned packages, verify their checksums and unpack them (resumable)."""
-    from vlkit.data.recipes import get_recipe, resolve_data_dir
+    from vlkit.data.recipes import get_recipe
 
     module = get_recipe(recipe)
-    root = resolve_data_dir(data_dir)
+    root = _writable_data_dir(data_dir)
     t0 = time.perf_counter()
     module.fetch(root)
     print(f"fetched {recipe} into {root / 'raw' / recipe} in {time.perf_counter() - t0:.1f} s")
@@ -34,13 +45,13 @@ def build_cmd(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
     """Write thumbnails and metadata.jsonl under <data-dir>/built/ (keeps existing thumbnails)."""
-    from vlkit.data.recipes import get_recipe, resolve_data_dir
+    from vlkit.data.recipes import get_recipe
     from vlkit.errors import VlkitError
 
     if size < 8:
         raise VlkitError(f"--size {size}: too small; use at least 8 pixels (64 is the default)")
     module = get_recipe(recipe)
-    root = resolve_data_dir(data_dir)
+    root = _writable_data_dir(data_dir)
     report = module.build(root, size=size, progress=not no_progress)
     print(f"built {recipe} under {root / 'built'} in {report['seconds']:.1f} s")
 
@@ -54,11 +65,10 @@ def splits_cmd(
 ) -> None:
     """Write each task's train/val/test split file and its few-shot split files."""
     from vlkit.data.fewshot import write_fewshot_splits
-    from vlkit.data.recipes import resolve_data_dir
     from vlkit.data.tasks import available_tasks, load_task
     from vlkit.errors import VlkitError
 
-    root = resolve_data_dir(data_dir)
+    root = _writable_data_dir(data_dir)
     try:
         ks = [int(k) for k in shots.split(",") if k.strip()]
         ss = [int(s) for s in seeds.split(",") if s.strip()]

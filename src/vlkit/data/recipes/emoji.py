@@ -26,6 +26,7 @@ from vlkit.data.images import BadImage
 from vlkit.data.recipes import built_dir, raw_dir, write_jsonl
 from vlkit.data.recipes.fetch import NpmPackage, fetch_npm, unpack_tgz
 from vlkit.data.recipes.thumbs import THUMB_SIZE, raster_thumbnail, svg_thumbnail
+from vlkit.errors import VlkitError
 
 PACKAGES: dict[str, NpmPackage] = {
     "twitter": NpmPackage(
@@ -187,6 +188,12 @@ def build(
     Files that cannot be decoded are skipped and counted, never fatal.
     """
     t0 = time.perf_counter()
+    for key in ("emojibase", *styles):
+        if not package_dir(data_dir, key).is_dir():
+            raise VlkitError(
+                f"{package_dir(data_dir, key)}: not found; run `vlkit data fetch emoji` first "
+                "(with the same --data-dir)"
+            )
     labels = Labels.load(package_dir(data_dir, "emojibase"))
     rows: dict[str, list[dict[str, Any]]] = {}
     report: dict[str, Any] = {"size": size, "styles": {}}

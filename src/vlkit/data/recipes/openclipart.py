@@ -22,6 +22,7 @@ from vlkit.data.images import BadImage
 from vlkit.data.recipes import built_dir, raw_dir, write_jsonl
 from vlkit.data.recipes.fetch import DebPackage, fetch_deb, unpack_deb
 from vlkit.data.recipes.thumbs import MAX_PIXELS, THUMB_SIZE, raster_thumbnail
+from vlkit.errors import VlkitError
 
 PACKAGE = DebPackage(
     "openclipart-png",
@@ -87,9 +88,7 @@ def build(
     t0 = time.perf_counter()
     png_root = unpacked_dir(data_dir) / PNG_ROOT
     if not png_root.is_dir():
-        from vlkit.errors import VlkitError
-
-        raise VlkitError(f"{png_root}: not found; run `vlkit data fetch openclipart` first")
+        raise VlkitError(f"{png_root}: not found; run `vlkit data fetch openclipart` first (with the same --data-dir)")
     out_dir = built_dir(data_dir, "openclipart")
     files, also, broken = scan(png_root)
     rows: list[dict[str, Any]] = []
