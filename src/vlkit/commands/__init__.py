@@ -10,7 +10,7 @@ import importlib
 
 import typer
 
-MODULES = ["data", "zeroshot"]
+MODULES = ["data", "zeroshot", "retrieval"]
 
 
 def register_all(app: typer.Typer) -> None:
