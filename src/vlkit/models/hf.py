@@ -37,10 +37,19 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_tokenizer(folder: Path, max_positions: int | None, what: str) -> HFTokenizer:
-    """The folder's tokenizer, wrapped; one clear error when it is missing."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(folder: Path, max_positions: int | None, what: str, vocab_rows: int | None = None) -> HFTokenizer:
+    """The folder's tokenizer, wrapped; one clear error when it is missing or does not fit the embedding table."""
     from transformers import AutoTokenizer
 
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would silently build an empty default tokenizer from config.json alone.
+        raise VlkitError(
+            f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}) for this {what}; "
+            "save the tokenizer into the checkpoint folder (tokenizer.save_pretrained(folder))"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
@@ -48,6 +57,11 @@ def load_tokenizer(folder: Path, max_positions: int | None, what: str) -> HFToke
             f"{folder}: no usable tokenizer for this {what} ({type(exc).__name__}); "
             "save the tokenizer into the checkpoint folder (tokenizer.save_pretrained(folder))"
         ) from None
+    if vocab_rows is not None and len(tok) > vocab_rows:
+        raise VlkitError(
+            f"{folder}: the tokenizer has {len(tok)} tokens but the text tower only {vocab_rows} embeddings; "
+            "the tokenizer does not belong to this checkpoint"
+        )
     return HFTokenizer(tok, context_length_for(tok, max_positions))
 
 
@@ -79,7 +93,8 @@ def load_hf_clip(folder: Path, spec: str) -> DualEncoderModel:
     from transformers import CLIPModel
 
     model = _from_pretrained(CLIPModel, folder, "CLIPModel")
-    tokenizer = load_tokenizer(folder, model.config.text_config.max_position_embeddings, "CLIPModel")
+    text_cfg = model.config.text_config
+    tokenizer = load_tokenizer(folder, text_cfg.max_position_embeddings, "CLIPModel", text_cfg.vocab_size)
     return DualEncoderModel(
         spec=spec,
         kind="hf-clip",
@@ -115,7 +130,9 @@ def load_hf_vision_text_dual_encoder(folder: Path, spec: str) -> DualEncoderMode
         visual_projection=model.visual_projection,
         text_projection=model.text_projection,
         log_logit_scale=model.logit_scale,
-        tokenizer=load_tokenizer(folder, max_positions, "VisionTextDualEncoderModel"),
+        tokenizer=load_tokenizer(
+            folder, max_positions, "VisionTextDualEncoderModel", getattr(model.config.text_config, "vocab_size", None)
+        ),
         preprocess=load_image_preprocess(folder, "VisionTextDualEncoderModel"),
         text_pooling="eot" if causal else "pooler",
         description={"class": "VisionTextDualEncoderModel", "config": model.config.to_diff_dict()},
