@@ -66,8 +66,8 @@ def extract_image_features(
 
     cache: True uses the default `FeatureCache()` ($VLKIT_CACHE/features or
     ~/.cache/vlkit/features), a `FeatureCache` uses that one, False/None reads
-    and writes nothing. num_workers: decoding threads (None = one per CPU, at
-    most 8; 0 = decode in the calling thread).
+    and writes nothing. num_workers: decoding threads (None = `default_num_workers`;
+    0 = decode in the calling thread).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -87,8 +87,9 @@ def extract_image_features(
         nonlocal out
         if out is None:
             out = torch.empty(n, feats.shape[1], dtype=torch.float32)
-        out[list(index)] = feats
-        ok[list(index)] = True
+        rows = torch.as_tensor(index, dtype=torch.long)
+        out[rows] = feats
+        ok[rows] = True
 
     # 1. cache lookup: one stat per file, one dict lookup, one gather
     misses = list(range(n))
@@ -113,8 +114,8 @@ def extract_image_features(
     # 2. decode + preprocess the misses a bounded window ahead, encode in batches
     encoded = 0
     load = _loader(model, max_pixels)
-    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     device = model.device
+    workers = default_num_workers(device) if num_workers is None else num_workers
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     last_save = time.monotonic()
     with _progress_bar(progress, n, hits) as advance:
@@ -176,6 +177,15 @@ def extract_image_features(
         encoded=encoded,
         timings={"lookup_s": t_lookup - t_start, "total_s": t_end - t_start},
     )
+
+
+def default_num_workers(device: torch.device) -> int:
+    """Decoding threads: on a GPU the CPU only decodes, so use up to 8 cores; on a
+    CPU the encoder already uses every core, so decode with half of them (>= 1)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        return max(1, min(4, cpus // 2))
+    return max(1, min(8, cpus))
 
 
 def _loader(model: "VLModel", max_pixels: int) -> Callable[[str], tuple[torch.Tensor | None, str | None]]:

@@ -22,9 +22,8 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -41,9 +40,10 @@ def default_cache_root() -> Path:
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "vlkit") / "features"
 
 
-@dataclass(frozen=True)
-class FileId:
-    """What makes a cached entry valid for a file: where it is and which bytes it holds."""
+class FileId(NamedTuple):
+    """What makes a cached entry valid for a file: where it is and which bytes it holds.
+
+    A NamedTuple, not a dataclass: a warm run builds one per image, so it must be cheap."""
 
     path: str
     size: int
