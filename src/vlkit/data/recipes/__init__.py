@@ -5,6 +5,21 @@ packages into `<data_dir>/raw/<recipe>/`) and `build` (fixed-size thumbnails and
 a `metadata.jsonl` into `<data_dir>/built/<dataset>/`). The data directory is
 the `--data-dir` flag, else `$VLKIT_DATA`, else `~/.cache/vlkit/data`; the word
 `sample` names the small bundled sample shipped inside the package.
+
+Layout of a data directory::
+
+    raw/emoji/<package>-<version>.tgz          npm tarballs, sha512-verified
+    raw/emoji/<package>/package/...            unpacked
+    raw/openclipart/openclipart-png_<v>_all.deb and raw/openclipart/root/usr/share/openclipart/png/...
+    built/<dataset>/metadata.jsonl             one row per image; `image` relative to this folder
+    built/<dataset>/images/<style>/...png      64 px thumbnails on white
+    built/<dataset>/build.json                 sources, licences, counts, skipped files
+    tasks/<task>.json                          optional task definitions overriding the packaged ones
+    splits/<task>/split.json                   train/val/test as (path relative to built/, label)
+    splits/<task>/fewshot/shot_<K>-seed_<S>.json
+
+Datasets: `emoji` (twitter, google, openmoji), `emoji-facebook` (held-out
+evaluation style only), `openclipart`.
 """
 
 from __future__ import annotations

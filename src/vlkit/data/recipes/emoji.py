@@ -246,7 +246,7 @@ def build(
                 "recipe": "emoji",
                 "rows": n,
                 "size": size,
-                "sources": {k: f"{p.name}@{p.version}" for k, p in PACKAGES.items()},
+                "sources": {k: f"{PACKAGES[k].name}@{PACKAGES[k].version}" for k in (*dataset_styles, "emojibase")},
                 "licences": {s: LICENCES[s] for s in dataset_styles},
                 "report": {s: report["styles"][s] for s in dataset_styles},
             },
