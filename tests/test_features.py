@@ -277,3 +277,22 @@ def test_real_tiny_clip_model_end_to_end(tiny_clip_model, messy_folder, tmp_path
     assert warm.cache_hits == len(good) and warm.encoded == 0 and torch.equal(warm.features, cold.features)
     shard = store.shard(tiny_clip_model.fingerprint(), tiny_clip_model.preprocess.describe())
     assert shard.path.exists() and len(shard) == len(good)
+
+
+def test_image_folder_with_bad_files_completes(messy_folder, tmp_path):
+    """The issue's bad-input case end to end: a class folder holding a corrupt JPEG, a
+    zero-byte file, a text file named .png and a 655 MP PNG lists exactly those as skipped."""
+    from vlkit.data.datasets import ImageFolderDataset
+
+    paths, bad = messy_folder
+    src = {Path(p).name: Path(p) for p in paths}
+    for cls, names in {"good": ["good00.jpg", "good01.png", "tiny.png"], "mixed": ["good02.jpg", *[n for n in bad if n != "missing.jpg"]]}.items():
+        (tmp_path / "root" / cls).mkdir(parents=True)
+        for n in names:
+            (tmp_path / "root" / cls / n).symlink_to(src[n])
+    ds = ImageFolderDataset(tmp_path / "root")
+    assert len(ds) == 8  # a dataset lists by extension; it never opens a file
+    res = extract_image_features(FakeModel(), ds.paths, batch_size=4, cache=False, progress=False)
+    assert sorted(Path(p).name for p, _ in res.skipped) == ["corrupt.jpg", "empty.jpg", "huge.png", "notes.png"]
+    assert [Path(p).name for p in res.paths] == ["good00.jpg", "good01.png", "tiny.png", "good02.jpg"]
+    assert res.features.shape == (4, 6)
