@@ -43,7 +43,8 @@ def nearest_tokens(model: VLModel, ctx: torch.Tensor, k: int = 3) -> list:
     if ctx.dim() == 3:
         return [nearest_tokens(model, c, k) for c in ctx]
     vocab = vocabulary_embeddings(model)
-    dist = torch.cdist(ctx.detach().float().to(vocab.device), vocab)
+    # exact differences, not the |x|^2+|y|^2-2xy shortcut, whose rounding blurs near-ties
+    dist = torch.cdist(ctx.detach().float().to(vocab.device), vocab, compute_mode="donot_use_mm_for_euclid_dist")
     d, idx = dist.topk(min(k, vocab.shape[0]), dim=1, largest=False)
     tok = model.tokenizer
     return [
