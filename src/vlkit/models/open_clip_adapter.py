@@ -91,7 +91,17 @@ def _resolve_pretrained(open_clip: Any, arch: str, pretrained: str | None, spec:
     if not cfg:
         raise VlkitError(f"model {spec!r}: {pretrained!r} is neither a file nor a pretrained tag open_clip knows for {arch}")
     if cfg.get("hf_hub"):
-        return pretrained  # resolved by open_clip through the Hugging Face cache, offline
+        from huggingface_hub import snapshot_download
+
+        repo_id = cfg["hf_hub"].strip("/").split("/")
+        try:
+            snapshot_download(repo_id="/".join(repo_id[:2]), local_files_only=True)
+        except Exception:  # noqa: BLE001 - any failure means: not in the local cache
+            raise VlkitError(
+                f"model {spec!r}: weights for tag {pretrained!r} are not in the local Hugging Face cache "
+                "(vlkit never downloads); pass a checkpoint file"
+            ) from None
+        return pretrained  # open_clip finds them in the cache (offline)
     url = cfg.get("url")
     cached = Path("~/.cache/clip").expanduser() / os.path.basename(url or "")
     if url and cached.is_file():
@@ -275,10 +285,9 @@ def load_open_clip(spec: str) -> OpenClipModel:
         with _offline():
             model = open_clip.create_model(arch, pretrained=pretrained, device="cpu", precision="fp32")
             tokenizer = open_clip.get_tokenizer(arch)
-    except RuntimeError as exc:
-        raise VlkitError(f"model {spec!r}: open_clip could not build it ({str(exc).splitlines()[0]})") from None
-    except (OSError, ValueError, KeyError) as exc:
-        raise VlkitError(f"model {spec!r}: open_clip could not load it offline ({type(exc).__name__}: {exc})") from None
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        reason = str(exc).splitlines()[0].split(". Available")[0][:200]
+        raise VlkitError(f"model {spec!r}: open_clip could not build it offline ({reason})") from None
     context_length = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77)
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model) if hasattr(open_clip, "get_model_preprocess_cfg") else {}
     preprocess = PilImagePreprocess(preprocess_from_open_clip(dict(preprocess_cfg)))
