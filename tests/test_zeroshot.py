@@ -240,3 +240,14 @@ def test_classifier_is_a_normal_tensor_usable_with_autograd():
         x = torch.ones(1, 3, requires_grad=True)
         (x @ w.T).sum().backward()
         assert x.grad is not None
+
+
+def test_editing_a_returned_classifier_does_not_corrupt_the_cache():
+    m = TableModel(TABLE)
+    a = zeroshot.zeroshot_classifier(m, ["cat", "dog"], TEMPLATES)
+    expected = a.clone()
+    a.mul_(0)
+    b = zeroshot.zeroshot_classifier(m, ["cat", "dog"], TEMPLATES)
+    assert torch.equal(b, expected)
+    b.add_(1)
+    assert torch.equal(zeroshot.zeroshot_classifier(m, ["cat", "dog"], TEMPLATES), expected)

@@ -88,6 +88,11 @@ def test_table_with_string_labels(tiny_clip_model, image_folder, tmp_path):
     table.write_text("image,label\n" + "".join(f"{p},{y}\n" for p, y in rows))
     r = zeroshot.classify(tiny_clip_model, table, CLASSES, progress=False)
     assert r.labels == [1, 0] and [os.path.basename(p) for p in r.paths] == ["0.png", "1.png"]
+    # JSONL with its own column names; classes from the table (sorted distinct labels)
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("".join(json.dumps({"file": p, "kind": y}) + "\n" for p, y in rows))
+    items = zeroshot.as_labeled_images(jsonl, image_col="file", label_col="kind")
+    assert items.classnames == ["cat", "dog"] and items.labels == [1, 0]
 
 
 def _run_cli(args, tmp_path):

@@ -128,7 +128,8 @@ def _cache_key(fingerprint: str, classnames: Sequence[str], templates: Sequence[
 
 def default_cache_dir() -> Path:
     """Root of vlkit's on-disk caches: $VLKIT_CACHE or ~/.cache/vlkit."""
-    return Path(os.environ.get("VLKIT_CACHE", Path.home() / ".cache" / "vlkit"))
+    base = os.environ.get("VLKIT_CACHE")
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "vlkit"
 
 
 def ensemble(features: torch.Tensor) -> torch.Tensor:
@@ -187,7 +188,7 @@ def zeroshot_classifier(
     key = _cache_key(model.fingerprint(), names, temps)
     if key in _MEMORY_CACHE:
         _MEMORY_CACHE.move_to_end(key)
-        return _MEMORY_CACHE[key].to(model.device)
+        return _MEMORY_CACHE[key].to(model.device, copy=True)  # a copy: callers may edit theirs in place
     disk = Path(cache_dir) / "zeroshot-text" / f"{key}.safetensors" if cache_dir is not None else None
     weights = None
     if disk is not None and disk.is_file():
@@ -205,7 +206,7 @@ def zeroshot_classifier(
             from vlkit import io
 
             io.save_safetensors(disk, {"classifier": weights}, metadata={"key": key, "num_templates": str(len(temps))})
-    _MEMORY_CACHE[key] = weights.cpu()
+    _MEMORY_CACHE[key] = weights.cpu().clone()
     while len(_MEMORY_CACHE) > _MEMORY_CACHE_SIZE:
         _MEMORY_CACHE.popitem(last=False)
     return weights.to(model.device)
@@ -317,17 +318,24 @@ def _map_dataset_classes(ds_names: list[str], names: list[str], source: str) -> 
     )
 
 
-def as_labeled_images(data: Any, classnames: Sequence[str] | None = None) -> LabeledImages:
+def as_labeled_images(
+    data: Any,
+    classnames: Sequence[str] | None = None,
+    *,
+    image_col: str | None = None,
+    label_col: str | None = None,
+) -> LabeledImages:
     """Accept a dataset (anything with `paths`, `labels`, `classnames`), a path (image
-    folder, CSV or JSONL), a list of image paths, or a list of (path, label) pairs
-    with labels as indices or names. `classnames` overrides the dataset's."""
+    folder, CSV or JSONL; table columns found by their usual names unless given), a
+    list of image paths, or a list of (path, label) pairs with labels as indices or
+    names. `classnames` overrides the dataset's."""
     names = check_classnames(classnames, source="class list") if classnames is not None else None
     if isinstance(data, (str, os.PathLike)):
         from vlkit.data.datasets import open_dataset
 
         p = Path(data)
         # a table's string labels index straight into the user's list
-        data = open_dataset(p) if p.is_dir() else open_dataset(p, classnames=names)
+        data = open_dataset(p) if p.is_dir() else open_dataset(p, image_col=image_col, label_col=label_col, classnames=names)
     if hasattr(data, "paths") and hasattr(data, "labels"):
         paths = [str(x) for x in data.paths]
         raw = data.labels

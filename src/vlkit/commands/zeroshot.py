@@ -16,6 +16,8 @@ def zeroshot(
     model: str = typer.Option(..., "--model", help="Model spec: CLIP folder or id, dual-encoder folder, open_clip:NAME, vlkit-tiny."),
     data: Path = typer.Option(..., "--data", help="Image folder (one subfolder per class) or a CSV/JSONL table with image and label columns."),
     classes: Optional[Path] = typer.Option(None, "--classes", help="Text file, one class name per line (default: the dataset's classes)."),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help="Table column with image paths (default: image, path, file, ...)."),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help="Table column with labels (default: label, class, category, ...)."),
     templates: str = typer.Option("single", "--templates", help="'single' (a photo of a {}.), 'ensemble' (OpenAI's 80) or a file of templates."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
     out: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the run folder."),
@@ -31,7 +33,7 @@ def zeroshot(
         raise VlkitError(f"{data}: data path does not exist; give an image folder or a .csv/.jsonl table")
     classnames = zs.load_classnames(classes) if classes is not None else None
     template_list = zs.resolve_templates(templates)
-    items = zs.as_labeled_images(data, classnames)
+    items = zs.as_labeled_images(data, classnames, image_col=image_col, label_col=label_col)
     if not items.classnames:
         raise VlkitError(f"{data}: class list is empty (the data has no labels); pass --classes FILE with one name per line")
     zs.check_classnames(items.classnames, source=f"class list of {classes or data}")
@@ -53,6 +55,8 @@ def zeroshot(
         "model": model,
         "data": str(data),
         "classes": str(classes) if classes else None,
+        "image_col": image_col,
+        "label_col": label_col,
         "templates": templates,
         "batch_size": batch_size,
         "cache": not no_cache,
