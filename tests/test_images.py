@@ -115,6 +115,22 @@ def test_alpha_is_composited_on_background(tmp_path):
     assert grey_bg == (10, 20, 30)
 
 
+def test_colour_key_transparency_in_rgb_and_grey_png(tmp_path):
+    rgb = Image.new("RGB", (2, 1), (0, 0, 0))
+    rgb.putpixel((1, 0), (9, 8, 7))
+    rgb.save(tmp_path / "key.png", transparency=(0, 0, 0))  # tRNS: black means transparent
+    im = load_image(tmp_path / "key.png", background=(50, 60, 70))
+    assert im.getpixel((0, 0)) == (50, 60, 70) and im.getpixel((1, 0)) == (9, 8, 7)
+    grey = Image.new("L", (2, 1), 0)
+    grey.putpixel((1, 0), 200)
+    grey.save(tmp_path / "gkey.png", transparency=0)
+    im = load_image(tmp_path / "gkey.png", background=(50, 60, 70))
+    assert im.getpixel((0, 0)) == (50, 60, 70) and im.getpixel((1, 0)) == (200, 200, 200)
+    Image.fromarray(np.array([[0, 65535]], dtype=np.uint16)).save(tmp_path / "k16.png", transparency=0)
+    im = load_image(tmp_path / "k16.png", background=(50, 60, 70))  # 16-bit grey with a colour key
+    assert im.getpixel((0, 0)) == (50, 60, 70) and im.getpixel((1, 0)) == (255, 255, 255)
+
+
 def test_opaque_rgba_and_bilevel(tmp_path):
     Image.new("RGBA", (2, 2), (5, 6, 7, 255)).save(tmp_path / "o.png")
     assert load_image(tmp_path / "o.png").getpixel((1, 1)) == (5, 6, 7)

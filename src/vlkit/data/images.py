@@ -149,7 +149,7 @@ def _apply_exif_orientation(im: Image.Image) -> Image.Image:
 
 def _to_rgb(path: Path, im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Any PIL mode -> RGB, keeping what the pixels mean."""
-    if im.mode == "RGB":
+    if im.mode == "RGB" and "transparency" not in im.info:
         return im.copy()
     if im.mode.startswith("I") or im.mode == "F":
         im = _high_depth_to_grey(im)
