@@ -296,3 +296,24 @@ def test_image_folder_with_bad_files_completes(messy_folder, tmp_path):
     assert sorted(Path(p).name for p, _ in res.skipped) == ["corrupt.jpg", "empty.jpg", "huge.png", "notes.png"]
     assert [Path(p).name for p in res.paths] == ["good00.jpg", "good01.png", "tiny.png", "good02.jpg"]
     assert res.features.shape == (4, 6)
+
+
+def test_alpha_policy_follows_the_preprocessing(tmp_path):
+    """open_clip-style preprocessing (alpha="drop": resize, then convert("RGB")) sees the
+    pixels under the alpha, as open_clip's own pipeline would; the default composites on white."""
+    from vlkit.models.preprocess import PilImagePreprocess, PreprocessConfig
+
+    img = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent black, like emoji corners
+    img.putpixel((3, 3), (255, 0, 0, 255))
+    img.save(tmp_path / "t.png")
+    cfg = dict(resize="exact", size=(8, 8), crop_size=None, mean=None, std=None)
+    results = {}
+    for alpha in ("white", "drop"):
+        model = FakeModel()
+        model.preprocess = PilImagePreprocess(PreprocessConfig(alpha=alpha, **cfg))
+        res = extract_image_features(model, [tmp_path / "t.png"], cache=False, progress=False)
+        with torch.no_grad():
+            reference = model.encode_image(model.preprocess(Image.open(tmp_path / "t.png"))[None])
+        torch.testing.assert_close(res.features, reference, atol=1e-6, rtol=0)
+        results[alpha] = res.features
+    assert not torch.allclose(results["white"], results["drop"])

@@ -131,6 +131,14 @@ def test_colour_key_transparency_in_rgb_and_grey_png(tmp_path):
     assert im.getpixel((0, 0)) == (50, 60, 70) and im.getpixel((1, 0)) == (255, 255, 255)
 
 
+def test_background_none_keeps_transparency(tmp_path):
+    Image.new("LA", (2, 2), (40, 0)).save(tmp_path / "la.png")
+    im = load_image(tmp_path / "la.png", background=None)
+    assert im.mode == "RGBA" and im.getpixel((0, 0)) == (40, 40, 40, 0)
+    Image.new("RGBA", (2, 2), (1, 2, 3, 255)).save(tmp_path / "opaque.png")
+    assert load_image(tmp_path / "opaque.png", background=None).mode == "RGB"
+
+
 def test_opaque_rgba_and_bilevel(tmp_path):
     Image.new("RGBA", (2, 2), (5, 6, 7, 255)).save(tmp_path / "o.png")
     assert load_image(tmp_path / "o.png").getpixel((1, 1)) == (5, 6, 7)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from vlkit.data.cache import FeatureCache, FeatureShard, FileId
-from vlkit.data.images import DEFAULT_MAX_PIXELS, BadImage, load_image
+from vlkit.data.images import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, BadImage, load_image
 
 if TYPE_CHECKING:
     from vlkit.models.base import VLModel
@@ -191,10 +191,13 @@ def default_num_workers(device: torch.device) -> int:
 def _loader(model: "VLModel", max_pixels: int) -> Callable[[str], tuple[torch.Tensor | None, str | None]]:
     """path -> (pixels, None) or (None, reason); never raises for a bad file."""
     preprocess = model.preprocess
+    # Preprocessing that applies its own alpha policy (open_clip's resize, then
+    # convert("RGB")) gets the transparency; everything else gets RGB on white.
+    background = None if preprocess.describe().get("alpha") == "drop" else DEFAULT_BACKGROUND
 
     def load(path: str) -> tuple[torch.Tensor | None, str | None]:
         try:
-            image = load_image(path, max_pixels=max_pixels)
+            image = load_image(path, max_pixels=max_pixels, background=background)
         except BadImage as e:
             return None, e.reason
         try:

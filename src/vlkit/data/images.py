@@ -52,7 +52,7 @@ def is_image_file(path: str | os.PathLike) -> bool:
 def load_image(
     path: str | os.PathLike,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+    background: tuple[int, int, int] | None = DEFAULT_BACKGROUND,
 ) -> Image.Image:
     """Decode `path` into an RGB image, or raise `BadImage(path, reason)`.
 
@@ -60,7 +60,9 @@ def load_image(
     scale when the format allows it (JPEG) and refused otherwise, so a
     decompression bomb costs a header read, not gigabytes. EXIF orientation is
     applied; alpha is composited onto `background`; 16-bit and float images are
-    rescaled to 8 bits rather than clipped.
+    rescaled to 8 bits rather than clipped. `background=None` keeps transparency
+    (an RGBA image, RGB when opaque) for preprocessing that applies its own
+    alpha policy, e.g. open_clip's resize-then-`convert("RGB")`.
     """
     path = Path(path)
     try:
@@ -147,8 +149,8 @@ def _apply_exif_orientation(im: Image.Image) -> Image.Image:
         return im
 
 
-def _to_rgb(path: Path, im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Any PIL mode -> RGB, keeping what the pixels mean."""
+def _to_rgb(path: Path, im: Image.Image, background: tuple[int, int, int] | None) -> Image.Image:
+    """Any PIL mode -> RGB (RGBA when `background` is None and alpha is used), keeping what the pixels mean."""
     if im.mode == "RGB" and "transparency" not in im.info:
         return im.copy()
     if im.mode.startswith("I") or im.mode == "F":
@@ -157,6 +159,8 @@ def _to_rgb(path: Path, im: Image.Image, background: tuple[int, int, int]) -> Im
         rgba = im.convert("RGBA")
         if rgba.getextrema()[3][0] == 255:  # fully opaque: nothing to composite
             return rgba.convert("RGB")
+        if background is None:
+            return rgba
         base = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(base, rgba).convert("RGB")
     try:
