@@ -170,3 +170,18 @@ def test_cli_errors_are_one_line_and_nonzero(case, tiny_clip_dir, image_folder, 
     named = {"missing_model": "no_such_model", "empty_classes": "empty.txt", "missing_data": "no_such_data"}[case]
     assert named in lines[0]
     assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("fixture", ["tiny_clip_model", "tiny_dual_model"])
+def test_classifier_equals_per_class_loop_on_real_towers(fixture, request):
+    """The batched, chunked classifier equals the textbook per-class loop (CLIP's notebook)."""
+    model = request.getfixturevalue(fixture)
+    templates = zeroshot.resolve_templates("ensemble")[:7]
+    batched = zeroshot.zeroshot_classifier(model, CLASSES, templates, batch_size=5, cache=False)
+    rows = []
+    for c in CLASSES:
+        f = model.embed_texts([t.format(c) for t in templates])
+        f = f / f.norm(dim=-1, keepdim=True)
+        m = f.mean(dim=0)
+        rows.append(m / m.norm())
+    assert torch.allclose(batched, torch.stack(rows), atol=1e-5)
