@@ -13,6 +13,7 @@ Logits are `logit_scale * cosine(image, class)`, exactly as CLIP's forward.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -22,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from vlkit.errors import VlkitError
 
@@ -140,30 +141,43 @@ def ensemble(features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(features.mean(dim=1), dim=-1)
 
 
-def _encode_classifier(model: "VLModel", classnames: list[str], templates: list[str], batch_size: int) -> torch.Tensor:
+def _encode_classifier(
+    model: "VLModel", classnames: list[str], templates: list[str], batch_size: int, progress: bool = False
+) -> torch.Tensor:
     """Encode in chunks of whole classes (about `batch_size` prompts each) and reduce
     each chunk at once, so memory holds [chunk, T, D], never [C, T, D]."""
     import torch
 
-    with torch.inference_mode():
-        return _encode_chunks(model, classnames, templates, batch_size)
-
-
-def _encode_chunks(model: "VLModel", classnames: list[str], templates: list[str], batch_size: int) -> torch.Tensor:
-    import torch
-
     n_t = len(templates)
     classes_per_chunk = max(1, batch_size // n_t)
+    starts = range(0, len(classnames), classes_per_chunk)
     out = []
-    for start in range(0, len(classnames), classes_per_chunk):
-        chunk = classnames[start : start + classes_per_chunk]
-        prompts = format_prompts(chunk, templates)
-        feats = []
-        for i in range(0, len(prompts), batch_size):
-            batch = model.tokenize(prompts[i : i + batch_size]).to(model.device)
-            feats.append(model.encode_text(batch.input_ids, batch.attention_mask, normalize=True))
-        out.append(ensemble(torch.cat(feats).view(len(chunk), n_t, -1)))
+    with torch.inference_mode(), _progress(progress and len(starts) > 1, len(classnames), len(templates)) as advance:
+        for start in starts:
+            chunk = classnames[start : start + classes_per_chunk]
+            prompts = format_prompts(chunk, templates)
+            feats = []
+            for i in range(0, len(prompts), batch_size):
+                batch = model.tokenize(prompts[i : i + batch_size]).to(model.device)
+                feats.append(model.encode_text(batch.input_ids, batch.attention_mask, normalize=True))
+            out.append(ensemble(torch.cat(feats).view(len(chunk), n_t, -1)))
+            advance(len(chunk))
     return torch.cat(out)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, n_templates: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over classes on stderr, or a no-op."""
+    if not enabled:
+        yield lambda k: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(f"[bold]text classifier ({n_templates} template{'s' if n_templates != 1 else ''})"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("classes", total=total)
+        yield lambda k: bar.update(task, advance=k)
 
 
 def zeroshot_classifier(
@@ -174,6 +188,7 @@ def zeroshot_classifier(
     batch_size: int = 256,
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """[C, D] unit-norm class weights on the model's device.
 
@@ -184,7 +199,7 @@ def zeroshot_classifier(
     names = check_classnames(classnames)
     temps = resolve_templates(templates)
     if not cache:
-        return _encode_classifier(model, names, temps, batch_size).clone()  # clone: a normal, autograd-usable tensor
+        return _encode_classifier(model, names, temps, batch_size, progress).clone()  # clone: a normal, autograd-usable tensor
     key = _cache_key(model.fingerprint(), names, temps)
     if key in _MEMORY_CACHE:
         _MEMORY_CACHE.move_to_end(key)
@@ -201,7 +216,7 @@ def zeroshot_classifier(
         if weights is not None and weights.shape[0] != len(names):
             weights = None
     if weights is None:
-        weights = _encode_classifier(model, names, temps, batch_size).cpu().clone()
+        weights = _encode_classifier(model, names, temps, batch_size, progress).cpu().clone()
         if disk is not None:
             from vlkit import io
 
@@ -394,7 +409,7 @@ def classify(
     temps = resolve_templates(templates)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     classifier = zeroshot_classifier(
-        model, names, temps, batch_size=max(batch_size, 256), cache=cache, cache_dir=root if cache else None
+        model, names, temps, batch_size=max(batch_size, 256), cache=cache, cache_dir=root if cache else None, progress=progress
     )
     feats = extract_image_features(model, items.paths, batch_size=batch_size, cache=cache, progress=progress)
     kept_labels = None
