@@ -82,6 +82,8 @@ def test_find_images_follows_symlinked_folders(tmp_path):
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "link").symlink_to(tmp_path / "real")
     assert [p.name for p in find_images(tmp_path / "root")] == ["x.png"]
+    (tmp_path / "real" / "loop").symlink_to(tmp_path / "real")  # a link back to its own parent
+    assert [p.name for p in find_images(tmp_path / "real")] == ["x.png"]
 
 
 # ------------------------------------------------------------------ tables

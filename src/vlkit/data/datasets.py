@@ -73,9 +73,19 @@ class _ItemList:
 
 
 def find_images(folder: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> list[Path]:
-    """Every image file under `folder` (recursive, follows links, skips hidden), sorted."""
+    """Every image file under `folder` (recursive, follows links, skips hidden), sorted.
+
+    A linked folder is visited once: a link back to an ancestor would otherwise
+    make the walk endless.
+    """
     found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
