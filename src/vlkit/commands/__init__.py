@@ -10,7 +10,7 @@ import importlib
 
 import typer
 
-MODULES = ["data", "zeroshot", "retrieval"]
+MODULES = ["data", "zeroshot", "retrieval", "adapt"]
 
 
 def register_all(app: typer.Typer) -> None:
