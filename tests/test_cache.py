@@ -43,12 +43,16 @@ def test_roundtrip_is_exact_and_one_shard_per_key(tmp_path):
 
 
 def test_unsaved_entries_are_visible_before_save(tmp_path):
-    store = FeatureCache(tmp_path)
-    files = _files(tmp_path, 2)
+    store = FeatureCache(tmp_path / "c")
+    files = _files(tmp_path, 5)
     shard = store.shard("m", PRE)
-    shard.put(_ids(store, files[:1]), torch.ones(1, 3))
-    hits, got = shard.get(_ids(store, files))
-    assert hits == [0] and torch.equal(got, torch.ones(1, 3)) and shard.dirty
+    shard.put(_ids(store, files[:2]), torch.tensor([[1.0] * 3, [2.0] * 3]))
+    shard.save()
+    shard.put(_ids(store, files[2:4]), torch.tensor([[3.0] * 3, [4.0] * 3]))  # not saved yet
+    order = [files[3], files[0], files[4], files[2], files[1]]
+    hits, got = shard.get(_ids(store, order))
+    assert hits == [0, 1, 3, 4] and shard.dirty
+    assert got[:, 0].tolist() == [4.0, 1.0, 3.0, 2.0]  # saved and unsaved rows interleaved in query order
 
 
 def test_changed_model_or_preprocessing_misses(tmp_path):

@@ -161,7 +161,7 @@ class FeatureShard:
             new = self._new.get(fid.path)
             if new is not None and new[0] == ident:
                 hits.append(i)
-                fresh.append((len(rows) + len(fresh), new[1]))
+                fresh.append((len(rows), new[1]))
                 rows.append(-1)
                 continue
             old = self._rows.get(fid.path)
@@ -193,8 +193,8 @@ class FeatureShard:
             raise ValueError(f"{len(ids)} file ids for {features.shape[0]} feature rows")
         self._ensure_loaded()
         feats = features.detach().to("cpu", torch.float32)
-        if self._features is not None and feats.shape[1] != self._features.shape[1]:
-            raise ValueError(f"feature width {feats.shape[1]} != cached width {self._features.shape[1]}")
+        if (self._features is not None or self._new) and feats.shape[1] != self._dim():
+            raise ValueError(f"feature width {feats.shape[1]} != cached width {self._dim()}")
         for fid, vec in zip(ids, feats):
             self._new[fid.path] = (self._identity(fid), vec.clone())
 
