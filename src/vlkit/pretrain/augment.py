@@ -37,10 +37,10 @@ def draw_params(
 
 def apply(images: torch.Tensor, params: torch.Tensor, flip_ok: torch.Tensor | None = None) -> torch.Tensor:
     """Crop-resize-flip float images [B, 3, S, S] per `params`; rows with flip_ok False are not flipped."""
-    w, h, cx, cy, sign = params.unbind(1)
+    w, h, cx, cy, sign = params.to(device=images.device, dtype=images.dtype).unbind(1)
     if flip_ok is not None:
-        sign = torch.where(flip_ok, sign, torch.ones_like(sign))
-    theta = torch.zeros(images.shape[0], 2, 3, dtype=images.dtype)
+        sign = torch.where(flip_ok.to(images.device), sign, torch.ones_like(sign))
+    theta = torch.zeros(images.shape[0], 2, 3, dtype=images.dtype, device=images.device)
     theta[:, 0, 0] = w * sign
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = h
@@ -52,6 +52,6 @@ def apply(images: torch.Tensor, params: torch.Tensor, flip_ok: torch.Tensor | No
 def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 [B, 3, S, S] -> float, scaled to [0, 1] then standardised per channel."""
     x = images_uint8.float() / 255.0
-    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s

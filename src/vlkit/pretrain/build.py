@@ -37,7 +37,7 @@ def build_image_tower(cfg: ModelConfig) -> torch.nn.Module:
     try:
         hf_config = AutoConfig.for_model(cfg.image_tower.model_type, **cfg.image_tower.config)
     except ValueError as e:
-        raise VlkitError(f"model.vision_model.model_type: {e}") from None
+        raise VlkitError(f"model.image_tower.model_type: {e}") from None
     return AutoModel.from_config(hf_config)
 
 

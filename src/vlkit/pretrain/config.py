@@ -66,7 +66,7 @@ class DataConfig:
 
     sources: list = field(default_factory=lambda: ["emoji", "openclipart"])
     data_dir: Optional[str] = None
-    styles: list = field(default_factory=lambda: ["twemoji", "noto", "openmoji", "openclipart"])
+    styles: list = field(default_factory=lambda: ["twitter", "google", "openmoji", "openclipart"])
     train_split_tasks: dict = field(default_factory=lambda: {"openclipart": "clipart-category"})
     languages: list = field(default_factory=lambda: ["en", "zh"])
     precompute_text: bool = True

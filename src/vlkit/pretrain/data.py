@@ -45,58 +45,56 @@ def _uniq(items: Sequence[str]) -> list[str]:
 
 
 def emoji_captions(row: dict, languages: Sequence[str] = ("en", "zh")) -> list[str]:
-    """Captions for one emoji row: its name, tags, group and subgroup, several phrasings."""
-    label = _human(str(row.get("label") or ""))
+    """Captions for one emoji row: its name, tags, group and subgroup, several phrasings.
+
+    Name phrasings are listed twice so about half of the draws name the emoji; the
+    group and subgroup phrasings use the human-readable names tasks use as classes.
+    """
+    label = str(row.get("label") or "").strip()
+    base = str(row.get("base_label") or "").strip() or label
     if not label:
         return []
-    group = _human(str(row.get("group") or ""))
-    subgroup = _human(str(row.get("subgroup") or ""))
-    tags = [_human(t) for t in (row.get("tags") or []) if t]
-    caps = [
-        label,
-        f"an emoji of {label}.",
-        f"a {label} emoji.",
-        f"a picture of {label}.",
-        f"an icon of {label}.",
-    ]
+    group = str(row.get("group_name") or _human(str(row.get("group") or ""))).strip()
+    subgroup = str(row.get("subgroup_name") or _human(str(row.get("subgroup") or ""))).strip()
+    tags = [_human(t) for t in (row.get("tags") or []) if t][:6]
+    names = _uniq([label, base])
+    name_caps = []
+    for n in names:
+        name_caps += [n, f"an emoji of {n}.", f"a {n} emoji.", f"an icon of {n}.", f"a picture of {n}."]
+    caps = name_caps + name_caps
     if group:
-        caps += [f"an emoji of {label}, from the {group} group.", f"a {group} emoji.", f"{group}: {label}"]
+        caps += [f"an emoji from the category {group}.", f"an emoji of {group}: {base}."]
     if subgroup:
-        caps += [f"a {subgroup} emoji: {label}.", f"an emoji in the {subgroup} category."]
-    if group and subgroup:
-        caps.append(f"{label}, a {subgroup} emoji ({group}).")
-    for t in tags[:6]:
-        caps += [f"an emoji of {t}.", f"{label}, {t}"]
+        caps += [f"an emoji from the category {subgroup}.", f"an emoji of {subgroup}.", f"{base}, {subgroup}"]
+    caps += [f"an emoji of {t}." for t in tags]
     if tags:
-        caps.append(f"{label}: " + ", ".join(tags[:6]))
+        caps.append(f"{base}: " + ", ".join(tags))
     if "zh" in languages:
-        label_zh = str(row.get("label_zh") or "").strip()
-        tags_zh = [str(t).strip() for t in (row.get("tags_zh") or []) if t]
-        if label_zh:
-            caps += [label_zh, f"{label_zh}的表情符号", f"一个{label_zh}表情"]
-        for t in tags_zh[:4]:
-            caps.append(f"{t}表情")
-        if label_zh and tags_zh:
-            caps.append(f"{label_zh}：" + "，".join(tags_zh[:4]))
-    return _uniq(caps)
+        zh = _uniq([str(row.get("label_zh") or ""), str(row.get("base_label_zh") or "")])
+        caps += zh + [f"{z}的表情符号" for z in zh]
+        tags_zh = [str(t).strip() for t in (row.get("tags_zh") or []) if t][:4]
+        caps += [f"{t}表情" for t in tags_zh]
+        for key in ("group_zh", "subgroup_zh"):
+            if row.get(key):
+                caps.append(f"{row[key]}类表情：{zh[0] if zh else base}")
+    return [c for c in (" ".join(x.split()) for x in caps) if c]
 
 
 def clipart_captions(row: dict, languages: Sequence[str] = ("en", "zh")) -> list[str]:
-    """Captions for one clip-art row: category path words plus the file-name caption."""
+    """Captions for one clip-art row: category words (twice, the reliable signal) and the noisy file-name caption."""
     category = str(row.get("category") or "")
     parts = [_human(p) for p in category.replace("\\", "/").split("/") if p]
     leaf = parts[-1] if parts else ""
     noisy = _human(str(row.get("caption") or ""))
-    caps = []
+    caps: list[str] = []
     if leaf:
-        caps += [leaf, f"clip art of {leaf}.", f"a drawing of {leaf}.", f"an illustration of {leaf}.", f"a {leaf} clip art image."]
+        cat = [leaf, f"a clip art of {leaf}.", f"a drawing of {leaf}.", f"an illustration of {leaf}."]
+        caps += cat + cat
     if len(parts) > 1:
-        caps.append(f"clip art: {' / '.join(parts)}")
+        caps.append(f"a clip art of {parts[-1]} ({parts[0]}).")
     if noisy:
-        caps += [noisy, f"clip art of {noisy}."]
-        if leaf:
-            caps.append(f"{noisy}, {leaf} clip art")
-    return _uniq(caps)
+        caps += [noisy, f"a clip art of {noisy}."]
+    return [c for c in (" ".join(x.split()) for x in caps) if c]
 
 
 def row_captions(row: dict, languages: Sequence[str] = ("en", "zh")) -> list[str]:
@@ -180,7 +178,7 @@ def load_pairs(
             path = (meta.parent / row["image"]).resolve()
             if keep is not None and str(path) not in keep:
                 continue
-            caps = row_captions(row, languages)
+            caps = row_captions(row, languages)  # repeats act as sampling weights
             if not caps:
                 continue
             ids = []

@@ -124,7 +124,7 @@ class Trainer:
 
         self.model, self.tokenizer = build_model(cfg.model, seed=cfg.seed)
         self.model.to(self.device)
-        self.skip_prefixes = ("text_model.",) if (cfg.model.lock_text and cfg.model.text_model.pretrained) else ()
+        self.skip_prefixes = ("text_model.",) if (cfg.model.lock_text and cfg.model.text_tower.pretrained) else ()
         self.images = load_image_tensor(self.pairs.image_paths, cfg.model.image_size)
         self.flip_ok = torch.tensor(self.pairs.flip_ok, dtype=torch.bool)
         self.text_pooled = self._precompute_text() if cfg.data.precompute_text else None
@@ -156,7 +156,7 @@ class Trainer:
         """Pooled locked-tower outputs of every caption, computed once (cached on disk)."""
         cfg = self.cfg
         key = hashlib.sha256(
-            json.dumps([cfg.model.text_model.__dict__, self.pairs.captions], ensure_ascii=False, default=str).encode()
+            json.dumps([cfg.model.text_tower.__dict__, self.pairs.captions], ensure_ascii=False, default=str).encode()
         ).hexdigest()[:20]
         cache_dir = Path(os.environ.get("VLKIT_CACHE", Path.home() / ".cache" / "vlkit")) / "pretrain-text"
         path = cache_dir / f"{key}.safetensors"
@@ -164,7 +164,7 @@ class Trainer:
             from safetensors.torch import load_file
 
             return load_file(str(path))["pooled"]
-        pooled = encode_pooled_text(self.model, self.tokenizer, self.pairs.captions, cfg.model.text_model.context_length)
+        pooled = encode_pooled_text(self.model, self.tokenizer, self.pairs.captions, cfg.model.text_tower.context_length)
         if self.dist.is_main:
             io.save_safetensors(path, {"pooled": pooled})
         return pooled
@@ -232,7 +232,7 @@ class Trainer:
             text = self.text_pooled[caption_ids].to(self.device)
         else:
             ids, mask = tokenize(
-                self.tokenizer, [self.pairs.captions[i] for i in caption_ids.tolist()], cfg.model.text_model.context_length
+                self.tokenizer, [self.pairs.captions[i] for i in caption_ids.tolist()], cfg.model.text_tower.context_length
             )
             text = (ids.to(self.device), mask.to(self.device))
         return pixels, text
@@ -283,7 +283,7 @@ class Trainer:
         dt = time.perf_counter() - t0
         return {
             "loss": float(all_reduce_mean(loss)),
-            "logit_scale": float(self.model.logit_scale),
+            "logit_scale": float(self.model.logit_scale.detach()),
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "pairs_per_s": self.global_batch / dt,
@@ -328,5 +328,5 @@ class Trainer:
             "wall_s_this_session": round(elapsed, 2),
             "pairs_per_s_this_session": round(pairs_seen / elapsed, 2) if elapsed > 0 else None,
             "final_loss": self.history[-1]["loss"] if self.history else None,
-            "final_logit_scale": float(self.model.logit_scale),
+            "final_logit_scale": float(self.model.logit_scale.detach()),
         }
