@@ -123,6 +123,30 @@ def test_embedding_path_exact_for_sentence_pooling(tmp_path, pooling):
     _assert_embedding_path_exact(model)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_sentence_pooling_matches_reference_formula(tmp_path, pooling):
+    """Pooled text (seen through an identity projection) equals the pooling computed on transformers' BertModel."""
+    from transformers import AutoTokenizer, BertModel
+
+    text_dir = build_tiny_bert_folder(tmp_path / "bert", sentence_pooling=pooling)
+    model = build_vlkit_dual_encoder(
+        {"model_type": "vit", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        text_tower=text_dir,
+        projection_dim=32,
+    ).eval()
+    bert = BertModel.from_pretrained(str(text_dir), local_files_only=True).eval()
+    enc = AutoTokenizer.from_pretrained(str(text_dir), local_files_only=True)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        model.text_projection.weight.copy_(torch.eye(32))
+        batch = model.tokenize(TEXTS)
+        ours = model.encode_text(batch.input_ids, batch.attention_mask, normalize=False)
+        hidden = bert(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    ref = (hidden * mask).sum(1) / mask.sum(1) if pooling == "mean" else hidden[:, 0]
+    assert (ours - ref).abs().max() <= 1e-5
+
+
 def test_causal_embedding_path_depends_on_where_the_mask_ends(tiny_clip_model):
     """Prompt learning relies on pooling the last real token; a shorter mask must change the feature."""
     batch = tiny_clip_model.tokenize(["a photo of a cat."])
