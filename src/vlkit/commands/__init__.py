@@ -10,7 +10,7 @@ import importlib
 
 import typer
 
-MODULES = ["data", "zeroshot", "retrieval", "pretrain", "adapt"]
+MODULES = ["data", "zeroshot", "retrieval", "pretrain", "adapt", "bench"]
 
 
 def register_all(app: typer.Typer) -> None:

@@ -1,0 +1,150 @@
+"""Few-shot harness: one JSON line per run, resumption, refusing mixed settings,
+tables (mean +/- std over seeds, task average), plot, base-to-new, domain tables."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coop_fakes import FakeVLModel
+from vlkit import zeroshot
+from vlkit.bench.data import FewShotSplit
+from vlkit.bench.fewshot import run_base_to_new, run_domain_generalization, run_fewshot
+from vlkit.bench.report import base_to_new_table, collect, fewshot_table
+from vlkit.errors import VlkitError
+
+CLASSES = ["cat", "dog", "bird", "fish"]
+
+
+class SyntheticTasks:
+    """Stands in for TaskFeatures: features near each class's hand-written prompt feature."""
+
+    def __init__(self, model):
+        self.model, self.views, self.calls = model, 2, []
+        self.w = zeroshot.zeroshot_classifier(model, CLASSES, ["a photo of a {}."], cache=False)
+
+    def _draw(self, n, seed, views=None):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(len(CLASSES)).repeat_interleave(n)
+        shape = (len(y), views or 1, self.w.shape[1])
+        x = F.normalize(self.w[y][:, None] + 0.35 * torch.randn(*shape, generator=g), dim=-1)
+        return (x if views else x[:, 0]), y
+
+    def split(self, task, shots, seed, styles=False):
+        self.calls.append((task, shots, seed))
+        offset = 0 if task == "a" else 100
+        views, y = self._draw(shots, seed + offset, views=2)
+        xv, yv = self._draw(min(shots, 4), 1000 + seed + offset)
+        evals = {"test": self._draw(10, 7 + offset)}
+        if styles:
+            evals["source"] = self._draw(5, 8 + offset)
+            evals["target:openmoji"] = self._draw(5, 9 + offset)
+        return FewShotSplit(task, CLASSES, ["a photo of a {}."], views, views.mean(1), y, xv, yv, evals)
+
+    def base_new(self, task, shots, seed):
+        split = self.split(task, shots, seed)
+        keep = split.train_labels < 2
+        base = FewShotSplit(
+            task, CLASSES[:2], split.templates, split.train_views[keep], split.train_features[keep], split.train_labels[keep],
+            split.val_features[split.val_labels < 2], split.val_labels[split.val_labels < 2],
+        )
+        x, y = split.evals["test"]
+        base.evals["base"] = (x[y < 2], y[y < 2])
+        return base, CLASSES[2:], (x[y >= 2], y[y >= 2] - 2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return FakeVLModel(causal=True)
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_runs_resume_and_write_table_and_plot(tmp_path, model):
+    provider = SyntheticTasks(model)
+    methods = ["zeroshot", "linear-probe", "tip-adapter"]
+    opts = {"tip-adapter": {"beta_steps": 5, "alpha_steps": 4}, "linear-probe": {"refine_steps": 2}}
+    run_fewshot(["a", "b"], methods, [1, 2], [1, 2], tmp_path, provider=provider, options=opts, log=lambda s: None)
+    rows = _lines(tmp_path / "results.jsonl")
+    assert len(rows) == 2 * (1 + 2 * 2 * 2)  # zero-shot once per task, others per shots x seeds
+    zs = [r for r in rows if r["method"] == "zeroshot"]
+    assert {(r["shots"], r["seed"]) for r in zs} == {(0, 0)}
+    assert all(0 <= r["acc"] <= 100 and r["n_test"] == 40 for r in rows)
+    assert all("C" in r["info"] for r in rows if r["method"] == "linear-probe")
+    table = (tmp_path / "table.md").read_text()
+    assert "### a" in table and "### Average" in table and "| tip-adapter |" in table
+    assert (tmp_path / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
+
+    # resume: nothing re-run; a new seed runs only the missing runs
+    provider.calls.clear()
+    run_fewshot(["a", "b"], methods, [1, 2], [1, 2], tmp_path, provider=provider, options=opts, log=lambda s: None)
+    assert provider.calls == [] and len(_lines(tmp_path / "results.jsonl")) == 18
+    run_fewshot(["a", "b"], methods, [1, 2], [1, 2, 3], tmp_path, provider=provider, options=opts, log=lambda s: None)
+    assert sorted(set(provider.calls)) == [(t, k, 3) for t in "ab" for k in (1, 2)]
+    assert len(_lines(tmp_path / "results.jsonl")) == 18 + 2 * 2 * 2
+
+
+def test_same_seed_gives_same_numbers_and_torn_line_is_dropped(tmp_path, model):
+    opts = {"linear-probe": {"refine_steps": 2}}
+    a = run_fewshot(["a"], ["linear-probe"], [2], [1], tmp_path / "x", provider=SyntheticTasks(model), options=opts, log=lambda s: None)
+    b = run_fewshot(["a"], ["linear-probe"], [2], [1], tmp_path / "y", provider=SyntheticTasks(model), options=opts, log=lambda s: None)
+    assert [r["acc"] for r in a] == [r["acc"] for r in b]
+    path = tmp_path / "x" / "results.jsonl"
+    path.write_text(path.read_text() + '{"kind": "fewshot", "task": "a", "meth')  # crash mid-write
+    again = run_fewshot(["a"], ["linear-probe"], [2], [1], tmp_path / "x", provider=SyntheticTasks(model), options=opts, log=lambda s: None)
+    assert len(again) == 1 and len(_lines(path)) == 1
+
+
+def test_refuses_to_mix_budgets_and_unknown_methods(tmp_path, model):
+    provider = SyntheticTasks(model)
+    run_fewshot(["a"], ["zeroshot"], [1], [1], tmp_path, provider=provider, epochs=5, log=lambda s: None)
+    with pytest.raises(VlkitError, match="epochs"):
+        run_fewshot(["a"], ["zeroshot"], [1], [1], tmp_path, provider=provider, epochs=7, log=lambda s: None)
+    with pytest.raises(VlkitError, match="unknown"):
+        run_fewshot(["a"], ["coop++"], [1], [1], tmp_path, provider=provider, log=lambda s: None)
+
+
+def test_table_mean_std_and_task_average():
+    recs = [
+        {"kind": "fewshot", "task": t, "method": "m", "shots": 1, "seed": s, "acc": acc}
+        for t, s, acc in [("a", 1, 10.0), ("a", 2, 20.0), ("b", 1, 30.0), ("b", 2, 50.0)]
+    ] + [{"kind": "fewshot", "task": t, "method": "zeroshot", "shots": 0, "seed": 0, "acc": 5.0} for t in "ab"]
+    table = fewshot_table(recs)
+    assert "| m | 15.0 ± 5.0 |" in table  # task a
+    assert "| m | 40.0 ± 10.0 |" in table  # task b
+    assert collect(recs)["Average"]["m"][1] == {1: 20.0, 2: 35.0}
+    assert "| m | 27.5 ± 7.5 |" in table and "| zeroshot | 5.0 |" in table
+
+
+def test_base_to_new_and_domain_tables(tmp_path, model):
+    provider = SyntheticTasks(model)
+    logs = []
+    recs = run_base_to_new(["a"], ["zeroshot", "linear-probe", "clip-adapter"], 2, [1], tmp_path / "b2n", provider=provider,
+                           epochs=2, log=logs.append)
+    b2n = [r for r in recs if r["kind"] == "base2new"]
+    assert {r["method"] for r in b2n} == {"zeroshot", "clip-adapter"}
+    assert any("linear-probe" in line and "base-to-new" in line for line in logs)
+    for r in b2n:
+        assert r["hm"] == pytest.approx(2 * r["base"] * r["new"] / (r["base"] + r["new"]))
+    assert "| zeroshot |" in (tmp_path / "b2n" / "base_to_new.md").read_text()
+    assert "### a" in base_to_new_table(b2n)
+
+    run_domain_generalization(["a"], ["zeroshot"], 1, [1], tmp_path / "dg", provider=provider, log=lambda s: None)
+    dg = (tmp_path / "dg" / "domain.md").read_text()
+    assert "| method | source | target:openmoji |" in dg
+
+
+def test_cli_reports_bad_arguments_in_one_line(capsys):
+    from vlkit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "fewshot", "--tasks", "emoji-group", "--options", "{bad"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --options: not valid JSON")
+    with pytest.raises(SystemExit):
+        main(["bench", "fewshot", "--tasks", "emoji-group", "--methods", "nope", "--data-dir", "sample"])
+    assert "methods nope: unknown" in capsys.readouterr().err
