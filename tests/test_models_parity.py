@@ -191,3 +191,14 @@ def test_features_do_not_depend_on_batch_padding(tiny_clip_model, tiny_dual_mode
             batch = model.embed_texts(TEXTS)
             alone = torch.cat([model.embed_texts([t]) for t in TEXTS])
         assert (batch - alone).abs().max() <= 1e-5
+
+
+def test_embedding_path_passes_gradients_to_the_embeddings(tiny_clip_model, tiny_dual_model):
+    """Prompt learning trains context vectors through encode_text_embeddings."""
+    for model in (tiny_clip_model, tiny_dual_model):
+        batch = model.tokenize(TEXTS[:2])
+        emb = model.token_embedding(batch.input_ids).detach().requires_grad_(True)
+        model.encode_text_embeddings(emb, batch.attention_mask).sum().backward()
+        real = batch.attention_mask.bool()
+        assert emb.grad is not None and emb.grad[real].abs().sum() > 0
+        model.zero_grad(set_to_none=True)

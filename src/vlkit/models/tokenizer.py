@@ -7,6 +7,7 @@ token and prompt learning can splice embeddings without shifting positions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any, Sequence
 
@@ -51,10 +52,14 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return len(self.hf)
 
-    def describe(self) -> dict:
-        """What changes token ids: class, vocabulary (hashed), context length."""
+    @functools.cached_property
+    def _vocab_digest(self) -> str:
         vocab = self.hf.get_vocab()
-        digest = hashlib.sha256("\n".join(f"{t}\t{i}" for t, i in sorted(vocab.items())).encode()).hexdigest()[:16]
+        return hashlib.sha256("\n".join(f"{t}\t{i}" for t, i in sorted(vocab.items())).encode()).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        """What changes token ids: class, vocabulary (hashed once), context length."""
+        digest = self._vocab_digest
         return {
             "class": type(self.hf).__name__,
             "vocab_size": self.vocab_size,
