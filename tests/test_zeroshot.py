@@ -251,3 +251,53 @@ def test_editing_a_returned_classifier_does_not_corrupt_the_cache():
     assert torch.equal(b, expected)
     b.add_(1)
     assert torch.equal(zeroshot.zeroshot_classifier(m, ["cat", "dog"], TEMPLATES), expected)
+
+
+def _result(labels):
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0]])
+    return zeroshot.ZeroShotResult(
+        classnames=["cat", "dog", "fox"],
+        templates=["a photo of a {}."],
+        paths=["a.png", "b.png", "c.png"],
+        logits=logits,
+        labels=labels,
+        skipped=[("bad.png", "not an image")],
+    )
+
+
+def test_predictions_csv_and_metrics_contents(tmp_path):
+    import csv
+    import json
+
+    r = _result([0, 2, 2])
+    m = r.save(tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv", newline="")))
+    assert [(x["path"], x["label"], x["prediction"], x["correct"]) for x in rows] == [
+        ("a.png", "cat", "cat", "1"),
+        ("b.png", "fox", "dog", "0"),
+        ("c.png", "fox", "fox", "1"),
+    ]
+    # probability = softmax of the logits at the prediction; top3 = ranking
+    assert float(rows[1]["probability"]) == pytest.approx(torch.softmax(torch.tensor([0.0, 3.0, 1.0]), 0)[1].item(), abs=1e-6)
+    assert rows[1]["top3"] == "dog|fox|cat"
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == m
+    assert saved["top1"] == pytest.approx(2 / 3) and saved["confusion_matrix"] == [[1, 0, 0], [0, 0, 0], [0, 1, 1]]
+    assert saved["per_class_accuracy"] == {"cat": 1.0, "dog": None, "fox": 0.5}
+    assert saved["skipped"] == [{"path": "bad.png", "reason": "not an image"}] and saved["num_skipped"] == 1
+
+
+def test_unlabelled_data_gets_predictions_but_no_accuracy(tmp_path):
+    import csv
+
+    m = _result(None).save(tmp_path)
+    assert "top1" not in m and m["n"] == 3
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv", newline="")))
+    assert [(x["label"], x["prediction"], x["correct"]) for x in rows] == [("", "cat", ""), ("", "dog", ""), ("", "fox", "")]
+
+
+def test_all_images_skipped_writes_null_metrics_not_nan(tmp_path):
+    r = zeroshot.ZeroShotResult(["cat", "dog"], ["{}"], [], torch.zeros(0, 2), [], [("x.png", "empty file")])
+    m = r.save(tmp_path)
+    assert m["top1"] is None and m["mean_per_class_recall"] is None
+    assert "NaN" not in (tmp_path / "metrics.json").read_text()

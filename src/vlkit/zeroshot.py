@@ -293,16 +293,17 @@ class ZeroShotResult:
 
         probs = self.probabilities
         k = min(top_k, len(self.classnames))
-        top_p, top_i = probs.topk(k, dim=-1)
+        top_i = probs.topk(k, dim=-1).indices
+        preds = self.predictions  # argmax, as the metrics count it
         with io.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["path", "label", "prediction", "probability", "correct", f"top{k}"])
             for row, p in enumerate(self.paths):
-                pred = int(top_i[row, 0])
+                pred = preds[row]
                 label = self.classnames[self.labels[row]] if self.labels is not None else ""
                 correct = "" if self.labels is None else int(self.labels[row] == pred)
                 top = "|".join(self.classnames[int(i)] for i in top_i[row])
-                w.writerow([p, label, self.classnames[pred], f"{float(top_p[row, 0]):.6f}", correct, top])
+                w.writerow([p, label, self.classnames[pred], f"{float(probs[row, pred]):.6f}", correct, top])
 
     def save(self, run_dir: str | os.PathLike) -> dict[str, Any]:
         """Write metrics.json and predictions.csv into a run folder; return the metrics."""
