@@ -58,6 +58,25 @@ def test_folder_without_config_and_file_instead_of_folder(tmp_path):
         load_model(str(tmp_path / "w.bin"))
 
 
+def test_weights_of_another_checkpoint_are_refused_not_randomly_filled(tmp_path, tiny_clip_dir, tiny_dual_dir):
+    folder = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, folder)
+    shutil.copy(tiny_dual_dir / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(VlkitError, match="do not fit its CLIPModel config") as exc:
+        load_model(str(folder))
+    assert str(folder) in _one_line(exc)
+
+
+def test_truncated_weights_file_is_one_clear_error(tmp_path, tiny_clip_dir):
+    folder = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(VlkitError, match="cannot load the CLIPModel weights") as exc:
+        load_model(str(folder))
+    _one_line(exc)
+
+
 def test_checkpoint_without_tokenizer_says_so(tmp_path, tiny_clip_dir):
     folder = tmp_path / "clip"
     shutil.copytree(tiny_clip_dir, folder)

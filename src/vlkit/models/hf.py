@@ -82,10 +82,23 @@ def load_image_preprocess(folder: Path, what: str) -> PilImagePreprocess:
 
 
 def _from_pretrained(cls: Any, folder: Path, what: str):
+    """Load weights strictly: transformers only warns about missing weights and fills them randomly."""
+    from safetensors import SafetensorError
+
     try:
-        return cls.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise VlkitError(f"{folder}: cannot load the {what} weights ({type(exc).__name__}: {exc}); check the folder is complete") from None
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise VlkitError(f"{folder}: cannot load the {what} weights ({type(exc).__name__}: {reason}); check the folder is complete") from None
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in (info.get("mismatched_keys") or []))
+    if missing or mismatched:
+        bad = (missing + mismatched)[:3]
+        raise VlkitError(
+            f"{folder}: the weights do not fit its {what} config ({len(missing)} missing, {len(mismatched)} of the wrong shape, "
+            f"e.g. {', '.join(bad)}); the weights file belongs to another checkpoint"
+        )
+    return model
 
 
 def load_hf_clip(folder: Path, spec: str) -> DualEncoderModel:
