@@ -91,7 +91,9 @@ def plot_fewshot(
         for m in _order(table[task], methods):
             by_shot = table[task][m]
             if 0 in by_shot:
-                ax.scatter([shots[0] / 2 if shots else 0.5], [np.mean(list(by_shot[0].values()))], marker="*", s=140, color=colours[m], label=m, zorder=3)
+                zs = float(np.mean(list(by_shot[0].values())))
+                ax.scatter([shots[0] / 2 if shots else 0.5], [zs], marker="*", s=140, color=colours[m], label=m, zorder=3)
+                ax.axhline(zs, color=colours[m], ls=":", lw=1, alpha=0.6)
                 continue
             ks = [k for k in shots if k in by_shot]
             mean = np.array([np.mean(list(by_shot[k].values())) for k in ks])
