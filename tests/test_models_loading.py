@@ -190,6 +190,17 @@ def test_vlkit_format_refuses_a_changed_text_tower_source(tmp_path, text_tower_d
     _one_line(exc)
 
 
+def test_vlkit_format_with_incomplete_config_is_one_clear_error(tmp_path, text_tower_dir):
+    model = build_vlkit_dual_encoder(TINY_VIT, text_tower=text_tower_dir, projection_dim=16)
+    folder = save_vlkit_dual_encoder(model, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    del config["text_pooling"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(VlkitError, match="missing text_pooling") as exc:
+        load_model(str(folder))
+    _one_line(exc)
+
+
 def test_embedded_name_loads_its_folder(monkeypatch, tmp_path, text_tower_dir):
     model = build_vlkit_dual_encoder(TINY_VIT, text_tower=text_tower_dir, projection_dim=16)
     save_vlkit_dual_encoder(model, tmp_path / "vlkit-tiny")

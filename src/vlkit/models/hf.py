@@ -81,7 +81,7 @@ def load_image_preprocess(folder: Path, what: str) -> PilImagePreprocess:
     return PilImagePreprocess(PreprocessConfig.from_hf(processor, source=f"{folder}/preprocessor_config.json"))
 
 
-def _from_pretrained(cls: Any, folder: Path, what: str):
+def load_weights_strictly(cls: Any, folder: Path, what: str):
     """Load weights strictly: transformers only warns about missing weights and fills them randomly."""
     from safetensors import SafetensorError
 
@@ -105,7 +105,7 @@ def load_hf_clip(folder: Path, spec: str) -> DualEncoderModel:
     """A `CLIPModel` folder (openai/clip-*, laion CLIP in HF format, any CLIP-architecture checkpoint)."""
     from transformers import CLIPModel
 
-    model = _from_pretrained(CLIPModel, folder, "CLIPModel")
+    model = load_weights_strictly(CLIPModel, folder, "CLIPModel")
     text_cfg = model.config.text_config
     tokenizer = load_tokenizer(folder, text_cfg.max_position_embeddings, "CLIPModel", text_cfg.vocab_size)
     return DualEncoderModel(
@@ -127,7 +127,7 @@ def load_hf_vision_text_dual_encoder(folder: Path, spec: str) -> DualEncoderMode
     """A `VisionTextDualEncoderModel` folder: any vision tower, any text tower, pooler outputs projected."""
     from transformers import CLIPTextModel, VisionTextDualEncoderModel
 
-    model = _from_pretrained(VisionTextDualEncoderModel, folder, "VisionTextDualEncoderModel")
+    model = load_weights_strictly(VisionTextDualEncoderModel, folder, "VisionTextDualEncoderModel")
     text_model = model.text_model
     causal = isinstance(text_model, CLIPTextModel)
     if not causal and not hasattr(text_model, "pooler"):

@@ -93,13 +93,10 @@ def sentence_pooling(folder: Path) -> TextPooling | None:
 def _load_text_tower(folder: Path) -> nn.Module:
     from transformers import AutoModel
 
-    from vlkit.models.hf import quiet_transformers
+    from vlkit.models.hf import load_weights_strictly, quiet_transformers
 
-    try:
-        with quiet_transformers():
-            return AutoModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise VlkitError(f"text tower at {folder}: cannot be loaded ({exc})") from None
+    with quiet_transformers():
+        return load_weights_strictly(AutoModel, folder, "text tower")
 
 
 def _vision_tower(vision_config: dict[str, Any]) -> nn.Module:
@@ -279,6 +276,10 @@ def load_vlkit_dual_encoder(folder: Path, spec: str) -> DualEncoderModel:
     from safetensors.torch import load_file
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    required = ("vision_config", "text_tower", "text_tower_sha256", "text_weights", "text_pooling", "projection_dim", "image_preprocess")
+    absent = [k for k in required if k not in config]
+    if absent:
+        raise VlkitError(f"{folder}/config.json: missing {', '.join(absent)}; re-save the model with save_vlkit_dual_encoder")
     if config.get("format_version") != FORMAT_VERSION:
         raise VlkitError(f"{folder}/config.json: format_version {config.get('format_version')!r}; this vlkit reads version {FORMAT_VERSION}")
     weights_path = folder / "model.safetensors"
