@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import build_tiny_bert_folder
-from vlkit.models import build_vlkit_dual_encoder, load_model
+from vlkit.models import build_vlkit_dual_encoder
 
 TEXTS = ["a photo of a cat.", "a red heart", "an emoji of a smiling face with big eyes and a flag", "x"]
 
