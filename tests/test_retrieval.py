@@ -166,6 +166,23 @@ def test_add_appends_and_skips_known_images(tmp_path):
         build_index(out, ColorModel(), read_source(folder), progress=False)
 
 
+def test_growing_past_the_exact_limit_switches_to_ivfpq(tmp_path):
+    folder = tmp_path / "imgs"
+    make_squares(folder, ["red", "green", "blue"])
+    out = tmp_path / "ix"
+    build_index(out, ColorModel(), read_source(folder), exact_max=5, progress=False)
+    assert read_manifest(out)["collections"]["images"]["faiss"]["type"] == "flat"
+    make_squares(folder, ["cyan", "magenta", "yellow"])
+    add_images(out, ColorModel(), read_source(folder), progress=False)
+    spec = read_manifest(out)["collections"]["images"]["faiss"]
+    assert spec["type"] == "ivfpq" and spec["factory"] == f"IVF{spec['nlist']},PQ{spec['pq_m']}x{spec['pq_bits']},RFlat"
+    import faiss
+
+    idx = RetrievalIndex(out)
+    assert isinstance(idx.collections["images"].index, faiss.IndexRefine) and idx.collections["images"].index.ntotal == 6
+    assert Searcher(idx, ColorModel()).search_text("cyan", k=1)[0].id == "cyan.png"  # exact re-ranking of the candidates
+
+
 def test_approximate_index_is_extended_not_retrained(tmp_path):
     folder = tmp_path / "imgs"
     make_squares(folder, ["red", "green", "blue"])
