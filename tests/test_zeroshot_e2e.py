@@ -185,3 +185,34 @@ def test_classifier_equals_per_class_loop_on_real_towers(fixture, request):
         m = f.mean(dim=0)
         rows.append(m / m.norm())
     assert torch.allclose(batched, torch.stack(rows), atol=1e-5)
+
+
+def test_cli_task_split_uses_task_classes_and_templates(tiny_clip_dir, tmp_path):
+    from vlkit.data.tasks import load_task
+
+    task = load_task("emoji-group", "sample")
+    out = tmp_path / "runs"
+    _call_cli(["--model", str(tiny_clip_dir), "--task", "emoji-group", "--data-dir", "sample", "--split", "val", "--out", str(out)])
+    run = _run_folder(out)
+    config = json.loads((run / "config.json").read_text())
+    assert config["settings"]["task"] == "emoji-group" and config["settings"]["templates"] == "task"
+    assert config["classnames"] == task.classnames and config["prompt_templates"] == task.templates
+    assert config["task_fingerprint"] == task.fingerprint
+    with open(run / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [str(p) for p in task.paths("val")]
+    assert [r["label"] for r in rows] == [task.classnames[y] for y in task.labels("val")]
+
+
+def test_task_errors_are_user_errors():
+    from vlkit.data.tasks import load_task
+    from vlkit.errors import VlkitError
+
+    task = load_task("emoji-group", "sample")
+    with pytest.raises(VlkitError, match="split 'dev': task emoji-group has splits train, val, test"):
+        zeroshot.task_images(task, "dev")
+    with pytest.raises(VlkitError, match="class list has 2 names but task emoji-group has 9 classes"):
+        zeroshot.task_images(task, "test", ["a", "b"])
+    with pytest.raises(SystemExit) as e:  # neither --data nor --task
+        cli_main(["zeroshot", "--model", "x"])
+    assert e.value.code == 2

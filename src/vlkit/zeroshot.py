@@ -379,6 +379,23 @@ def as_labeled_images(
     return LabeledImages([str(p) for p in items], None, names)
 
 
+def task_images(task: Any, split: str = "test", classnames: Sequence[str] | None = None) -> LabeledImages:
+    """One split of a `vlkit.data.tasks.Task` (paths, label indices, the task's class
+    names, or `classnames` given one per task class in the task's order)."""
+    if split not in task.splits:
+        raise VlkitError(f"split '{split}': task {task.name} has splits {', '.join(task.splits)}; pass one of them")
+    names = list(task.classnames)
+    if classnames is not None:
+        given = check_classnames(classnames, source="class list")
+        if len(given) != len(names):
+            raise VlkitError(f"class list has {len(given)} names but task {task.name} has {len(names)} classes; give one per task class")
+        names = given
+    paths = [str(p) for p in task.paths(split)]
+    if not paths:
+        raise VlkitError(f"split '{split}' of task {task.name} is empty; pick another split")
+    return LabeledImages(paths, list(task.labels(split)), names)
+
+
 def classify(
     model: "VLModel",
     data: Any,

@@ -1,4 +1,4 @@
-"""`vlkit zeroshot`: classify a folder or table of images from class names alone."""
+"""`vlkit zeroshot`: classify a folder, a table or a task split of images from class names alone."""
 
 from __future__ import annotations
 
@@ -14,11 +14,16 @@ def register(app: typer.Typer) -> None:
 
 def zeroshot(
     model: str = typer.Option(..., "--model", help="Model spec: CLIP folder or id, dual-encoder folder, open_clip:NAME, vlkit-tiny."),
-    data: Path = typer.Option(..., "--data", help="Image folder (one subfolder per class) or a CSV/JSONL table with image and label columns."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Image folder (one subfolder per class) or a CSV/JSONL table with image and label columns."),
+    task: Optional[str] = typer.Option(None, "--task", help="Instead of --data: a task by name (e.g. emoji-group), with its class names and templates."),
+    split: str = typer.Option("test", "--split", help="With --task: which split to classify (train, val, test)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="With --task: the data dir ('sample' = the bundled sample; default $VLKIT_DATA or ~/.cache/vlkit/data)."),
     classes: Optional[Path] = typer.Option(None, "--classes", help="Text file, one class name per line (default: the dataset's classes)."),
     image_col: Optional[str] = typer.Option(None, "--image-col", help="Table column with image paths (default: image, path, file, ...)."),
     label_col: Optional[str] = typer.Option(None, "--label-col", help="Table column with labels (default: label, class, category, ...)."),
-    templates: str = typer.Option("single", "--templates", help="'single' (a photo of a {}.), 'ensemble' (OpenAI's 80) or a file of templates."),
+    templates: Optional[str] = typer.Option(
+        None, "--templates", help="'single' (a photo of a {}.), 'ensemble' (OpenAI's 80), 'task' (the task's own) or a file. Default: 'task' with --task, else 'single'."
+    ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
     out: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the run folder."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the image-feature and text-classifier caches."),
@@ -29,31 +34,43 @@ def zeroshot(
     from vlkit.errors import VlkitError
 
     # Cheap checks first, so a typo fails in a second, before any model loads.
-    if not data.exists():
-        raise VlkitError(f"{data}: data path does not exist; give an image folder or a .csv/.jsonl table")
+    if (data is None) == (task is None):
+        raise VlkitError("zeroshot: pass exactly one of --data PATH (image folder or table) and --task NAME")
     classnames = zs.load_classnames(classes) if classes is not None else None
-    template_list = zs.resolve_templates(templates)
-    items = zs.as_labeled_images(data, classnames, image_col=image_col, label_col=label_col)
+    if task is not None:
+        from vlkit.data.tasks import load_task
+
+        t = load_task(task, data_dir)
+        items = zs.task_images(t, split, classnames)
+        templates = templates or "task"
+        template_list = zs.resolve_templates(t.templates if templates == "task" else templates)
+        source = f"task {task}"
+    else:
+        assert data is not None
+        if not data.exists():
+            raise VlkitError(f"{data}: data path does not exist; give an image folder or a .csv/.jsonl table")
+        templates = templates or "single"
+        if templates == "task":
+            raise VlkitError("--templates task: only with --task NAME; use single, ensemble or a file")
+        template_list = zs.resolve_templates(templates)
+        items = zs.as_labeled_images(data, classnames, image_col=image_col, label_col=label_col)
+        source = str(data)
     if not items.classnames:
-        raise VlkitError(f"{data}: class list is empty (the data has no labels); pass --classes FILE with one name per line")
-    zs.check_classnames(items.classnames, source=f"class list of {classes or data}")
+        raise VlkitError(f"{source}: class list is empty (the data has no labels); pass --classes FILE with one name per line")
+    zs.check_classnames(items.classnames, source=f"class list of {classes or source}")
 
     from vlkit.models import load_model  # torch and transformers load only once the inputs are known good
 
     runs.seed_everything(seed)
     vl = load_model(model)
-    result = zs.classify(
-        vl,
-        items,
-        items.classnames,
-        template_list,
-        batch_size=batch_size,
-        cache=not no_cache,
-    )
+    result = zs.classify(vl, items, items.classnames, template_list, batch_size=batch_size, cache=not no_cache)
     run_dir = runs.new_run_dir(out, "zeroshot")
     settings = {
         "model": model,
-        "data": str(data),
+        "data": str(data) if data is not None else None,
+        "task": task,
+        "split": split if task is not None else None,
+        "data_dir": data_dir,
         "classes": str(classes) if classes else None,
         "image_col": image_col,
         "label_col": label_col,
@@ -63,6 +80,7 @@ def zeroshot(
         "seed": seed,
         "out": str(out),
     }
+    extra = {"task_fingerprint": t.fingerprint} if task is not None else {}
     runs.write_config(
         run_dir,
         settings,
@@ -70,6 +88,7 @@ def zeroshot(
         model_fingerprint=result.model_fingerprint,
         classnames=result.classnames,
         prompt_templates=result.templates,
+        **extra,
     )
     metrics = result.save(run_dir)
     _print_summary(metrics, result, run_dir)
