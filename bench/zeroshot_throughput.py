@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -163,16 +164,6 @@ class Clock:
         self.cpu = time.process_time() - self.cpu0
 
 
-def time_pipeline(ckpt: Path, paths: list[str], classes: list[str], batch_size: int) -> tuple[Clock, list[str]]:
-    from transformers import pipeline
-
-    pipe = pipeline("zero-shot-image-classification", model=str(ckpt), device="cpu")
-    pipe(paths[:2], candidate_labels=classes[:2], hypothesis_template=TEMPLATE, batch_size=2)  # warm-up, not timed
-    with Clock() as clock:
-        out = pipe(paths, candidate_labels=classes, hypothesis_template=TEMPLATE, batch_size=batch_size)
-    return clock, [r[0]["label"] for r in out]
-
-
 def time_vlkit(model, paths, classes, batch_size, cache_dir: Path, cache: bool = True) -> tuple[Clock, list[str]]:
     from vlkit import zeroshot
 
@@ -185,27 +176,47 @@ def time_vlkit(model, paths, classes, batch_size, cache_dir: Path, cache: bool =
     return clock, [classes[i] for i in result.predictions]
 
 
-def compare(ckpt: Path, model, paths: list[str], classes: list[str], batch_size: int) -> dict:
-    """pipeline, vlkit cold, vlkit warm on the same files and classes; timings and agreement."""
-    pipe, pipe_pred = time_pipeline(ckpt, paths, classes, batch_size)
-    print(f"  pipeline     {pipe.wall:8.2f} s  {len(paths) / pipe.wall:8.2f} img/s  (cpu {pipe.cpu:.2f} s)", flush=True)
-    with tempfile.TemporaryDirectory(prefix="vlkit-bench-cache-") as tmp:
-        os.environ["VLKIT_CACHE"] = tmp  # the feature cache's root: starts empty
-        time_vlkit(model, paths[:2], classes[:2], 2, Path(tmp), cache=False)  # warm-up, not timed, caches nothing
-        cold, cold_pred = time_vlkit(model, paths, classes, batch_size, Path(tmp))
-        print(f"  vlkit cold   {cold.wall:8.2f} s  {len(paths) / cold.wall:8.2f} img/s  (cpu {cold.cpu:.2f} s)", flush=True)
-        warm, warm_pred = time_vlkit(model, paths, classes, batch_size, Path(tmp))
-        print(f"  vlkit warm   {warm.wall:8.2f} s  {len(paths) / warm.wall:8.2f} img/s  (cpu {warm.cpu:.2f} s)", flush=True)
+def compare(ckpt: Path, model, paths: list[str], classes: list[str], batch_size: int, repeat: int = 1) -> dict:
+    """pipeline, vlkit cold, vlkit warm on the same files and classes, `repeat` times
+    interleaved (so a change in the neighbours' load hits both sides); medians reported."""
+    from transformers import pipeline
+
+    pipe = pipeline("zero-shot-image-classification", model=str(ckpt), device="cpu")
+    pipe(paths[:2], candidate_labels=classes[:2], hypothesis_template=TEMPLATE, batch_size=2)  # warm-up, not timed
+    time_vlkit(model, paths[:2], classes[:2], 2, Path(tempfile.gettempdir()), cache=False)  # warm-up, caches nothing
+    samples: dict[str, list[Clock]] = {"pipeline": [], "vlkit_cold": [], "vlkit_warm": []}
+    agree, warm_equal = [], []
+    for _ in range(repeat):
+        with Clock() as clock:
+            out = pipe(paths, candidate_labels=classes, hypothesis_template=TEMPLATE, batch_size=batch_size)
+        samples["pipeline"].append(clock)
+        pipe_pred = [r[0]["label"] for r in out]
+        with tempfile.TemporaryDirectory(prefix="vlkit-bench-cache-") as tmp:
+            os.environ["VLKIT_CACHE"] = tmp  # the feature cache's root: starts empty
+            cold, cold_pred = time_vlkit(model, paths, classes, batch_size, Path(tmp))
+            warm, warm_pred = time_vlkit(model, paths, classes, batch_size, Path(tmp))
+        samples["vlkit_cold"].append(cold)
+        samples["vlkit_warm"].append(warm)
+        agree.append(sum(a == b for a, b in zip(pipe_pred, cold_pred)) / len(paths))
+        warm_equal.append(warm_pred == cold_pred)
+        for k in samples:
+            c = samples[k][-1]
+            print(f"  {k:11s} {c.wall:8.2f} s  {len(paths) / c.wall:8.2f} img/s  (cpu {c.cpu:.2f} s)", flush=True)
+    wall = {k: statistics.median(c.wall for c in v) for k, v in samples.items()}
+    cpu = {k: statistics.median(c.cpu for c in v) for k, v in samples.items()}
     n = len(paths)
     return {
         "classes": len(classes),
-        "wall_s": {"pipeline": pipe.wall, "vlkit_cold": cold.wall, "vlkit_warm": warm.wall},
-        "cpu_s": {"pipeline": pipe.cpu, "vlkit_cold": cold.cpu, "vlkit_warm": warm.cpu},
-        "images_per_s": {"pipeline": n / pipe.wall, "vlkit_cold": n / cold.wall, "vlkit_warm": n / warm.wall},
-        "speedup_vlkit_vs_pipeline": {"wall": pipe.wall / cold.wall, "cpu": pipe.cpu / cold.cpu},
-        "speedup_warm_vs_cold": {"wall": cold.wall / warm.wall, "cpu": cold.cpu / warm.cpu},
-        "top1_agreement_vlkit_vs_pipeline": sum(a == b for a, b in zip(pipe_pred, cold_pred)) / n,
-        "warm_equals_cold_predictions": warm_pred == cold_pred,
+        "repeat": repeat,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "wall_s_each": {k: [c.wall for c in v] for k, v in samples.items()},
+        "cpu_s_each": {k: [c.cpu for c in v] for k, v in samples.items()},
+        "images_per_s": {k: n / v for k, v in wall.items()},
+        "speedup_vlkit_vs_pipeline": {"wall": wall["pipeline"] / wall["vlkit_cold"], "cpu": cpu["pipeline"] / cpu["vlkit_cold"]},
+        "speedup_warm_vs_cold": {"wall": wall["vlkit_cold"] / wall["vlkit_warm"], "cpu": cpu["vlkit_cold"] / cpu["vlkit_warm"]},
+        "top1_agreement_vlkit_vs_pipeline": min(agree),
+        "warm_equals_cold_predictions": all(warm_equal),
     }
 
 
@@ -217,6 +228,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, nargs="+", default=[1000], help="class counts to compare at, one run each")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--repeat", type=int, default=1, help="interleaved repetitions per class count (medians reported)")
+    ap.add_argument("--tag", default="", help="suffix for the output files (zeroshot_throughput<tag>.json/.md)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
@@ -243,7 +256,7 @@ def main() -> None:
     for n_classes in args.classes:
         print(f"{len(paths)} images, {n_classes} classes, batch {args.batch_size}, arch {args.arch}, "
               f"{torch.get_num_threads()} torch thread(s)", flush=True)
-        runs.append(compare(ckpt, model, paths, all_classes[:n_classes], args.batch_size))
+        runs.append(compare(ckpt, model, paths, all_classes[:n_classes], args.batch_size, args.repeat))
 
     result = {
         "benchmark": "zeroshot_throughput",
@@ -264,16 +277,17 @@ def main() -> None:
         "model_fingerprint": fingerprint,
         "runs": runs,
     }
-    io.write_json(OUT / "zeroshot_throughput.json", result)
+    io.write_json(OUT / f"zeroshot_throughput{args.tag}.json", result)
     table = markdown(result)
-    io.write_text(OUT / "zeroshot_throughput.md", table)
+    io.write_text(OUT / f"zeroshot_throughput{args.tag}.md", table)
     print(table)
 
 
 def markdown(r: dict) -> str:
     lines = [
         f"{r['images']} images ({r['image_source']}), batch {r['batch_size']}, CLIP `{r['arch']}` "
-        f"({r['parameters_m']} M params, random weights), CPU, {r['torch_threads']} torch thread(s); "
+        f"({r['parameters_m']} M params, random weights), CPU, {r['torch_threads']} torch thread(s), "
+        f"median of {r['runs'][0]['repeat']} interleaved repetition(s); "
         f"load average {r['load_average_after']:.1f} on {r['cpu_count']} cores at the end",
         "",
         "| classes | run | wall s | images/s | CPU s | vs pipeline (wall) | vs pipeline (CPU) |",
