@@ -65,7 +65,7 @@ def test_index_type_follows_size():
     assert choose_index_spec(99_999, 256)["type"] == "flat"
     big = choose_index_spec(1_000_000, 256)
     assert big["type"] == "ivfpq"
-    assert big["nlist"] == 1024 and big["pq_m"] == 64 and big["pq_bits"] == 8 and big["nprobe"] == 32
+    assert big["nlist"] == 1024 and big["pq_m"] == 64 and big["pq_bits"] == 8 and big["nprobe"] == 32 and big["k_factor"] == 16
     assert big["factory"] == "IVF1024,PQ64x8,RFlat" and big["train_size"] == 65536
     assert choose_index_spec(10, 256, "hnsw")["factory"] == "HNSW32,Flat"
     assert choose_index_spec(500_000, 256, "flat")["type"] == "flat"

@@ -94,7 +94,7 @@ def choose_index_spec(n: int, dim: int, kind: str = "auto", exact_max: int = EXA
         "pq_m": pq_m,
         "pq_bits": pq_bits,
         "nprobe": min(nlist, 32),
-        "k_factor": 4,
+        "k_factor": 16,  # bench/retrieval_ann.py, 1M x 256: recall@10 0.84 at 4, 0.99 at 16, same latency
         "train_size": train_size,
         "train_seed": 0,
     }
