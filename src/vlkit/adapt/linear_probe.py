@@ -11,10 +11,12 @@ the test set.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from vlkit.errors import VlkitError
@@ -55,8 +57,20 @@ class LinearProbe:
         return self.logits(features).argmax(dim=1)
 
 
-def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int) -> LogisticRegression:
-    return LogisticRegression(C=C, max_iter=max_iter, random_state=seed).fit(x, y)
+def _fit(
+    x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int, start: LogisticRegression | None = None
+) -> LogisticRegression:
+    """One L2 logistic regression (lbfgs); `start` warm-starts from a fit at a nearby C
+    (the problem is convex, so only the time to reach the optimum changes)."""
+    clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed, warm_start=start is not None)
+    if start is not None:
+        clf.coef_, clf.intercept_ = start.coef_.copy(), start.intercept_.copy()
+    with warnings.catch_warnings():
+        # 1-shot problems have as many classes as samples: sklearn's "regression?" hint and
+        # lbfgs non-convergence at huge C are expected there, not news for the user.
+        warnings.filterwarnings("ignore", message="The number of unique classes")
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        return clf.fit(x, y)
 
 
 def fit_linear_probe(
@@ -73,7 +87,7 @@ def fit_linear_probe(
 ) -> LinearProbe:
     """Fit a probe, choosing C on the validation split (coarse grid, then log-bisection).
 
-    Ties on the coarse grid keep the smaller C (the more regularised probe); ties
+    `coarse_grid` must be ascending. Ties on the coarse grid keep the smaller C (the more regularised probe); ties
     after refinement keep the value closest to the coarse peak. Deterministic for a seed.
     """
     x_tr, x_va = _normalise(_as_numpy(train_features)), _normalise(_as_numpy(val_features))
@@ -87,15 +101,20 @@ def fit_linear_probe(
         )
     if len(np.unique(y_tr)) < 2:
         raise VlkitError("train labels: the linear probe needs shots from at least 2 classes")
+    if list(coarse_grid) != sorted(coarse_grid) or not coarse_grid:
+        raise VlkitError(f"coarse grid {coarse_grid}: give ascending positive values of C")
     n_cls = int(num_classes if num_classes is not None else max(y_tr.max(), y_va.max()) + 1)
     tried: dict[float, tuple[float, LogisticRegression]] = {}
 
     def evaluate(C: float) -> float:
         if C not in tried:
-            clf = _fit(x_tr, y_tr, C, max_iter, seed)
+            near = min(tried, key=lambda c: abs(math.log10(c) - math.log10(C)), default=None)
+            clf = _fit(x_tr, y_tr, C, max_iter, seed, tried[near][1] if near is not None else None)
             tried[C] = (float((clf.predict(x_va) == y_va).mean()), clf)
         return tried[C][0]
 
+    # the coarse sweep runs from strong to weak regularisation, each fit warm-started
+    # from the previous one: large-C fits then start near their optimum.
     accs = [evaluate(C) for C in coarse_grid]
     best_c = coarse_grid[int(np.argmax(accs))]
     # Bisection in log10(C) around the coarse peak, as CoOp's lpclip search.

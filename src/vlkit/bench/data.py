@@ -11,6 +11,7 @@ every feature already computed. Test features are computed once per task.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +50,10 @@ class TaskFeatures:
         views: int = 8,
         cache: bool = True,
         progress: bool = False,
+        source_limit: int = 2000,
     ) -> None:
         self.model = model
+        self.source_limit = source_limit
         self.data_dir = data_dir
         self.views = views
         self.cache = cache
@@ -121,7 +124,8 @@ class TaskFeatures:
 
     def split(self, task_name: str, shots: int, seed: int, *, styles: bool = False) -> FewShotSplit:
         """The K-shot draw for `seed`, with test features under evals['test'] (and one
-        eval set per test style, plus 'source' = unused train-style images, if `styles`)."""
+        eval set per test style, plus 'source' = unused train-style images, at most
+        `source_limit` of them, if `styles`)."""
         from vlkit.data.fewshot import load_fewshot
 
         task = self.task(task_name)
@@ -136,6 +140,8 @@ class TaskFeatures:
                 evals[f"target:{style}"] = self.features(task, rows)
             used = {rel for rel, _ in fewshot.splits["train"]}
             source = [(rel, y) for rel, y in task.splits["train"] if rel not in used]
+            if len(source) > self.source_limit:  # a fixed subsample keeps encoding bounded
+                source = sorted(random.Random(0).sample(source, self.source_limit))
             if source:
                 evals["source"] = self.features(task, source)
         return self._split_of(task, fewshot, task_name, evals)
