@@ -1,0 +1,296 @@
+"""CoOp 16-shot: vlkit's cached-feature path vs the reference-style loop, side by side.
+
+Both train the SAME prompt learner (same init seed, same M, same class names) with
+the SAME recipe (SGD 0.002, batch 32, warm-up + cosine, epochs by shots), the SAME
+batch order (same generator), on the SAME 16-shot draw of the SAME task, with the
+SAME model, in one process, one after the other:
+
+- reference: what the CoOp code does. Every step decodes nothing (images are
+  held decoded in memory, which favours the reference) but draws a fresh random
+  resized crop + flip for each of the 32 images, preprocesses them and runs the
+  frozen image tower, then runs the text tower on all class prompts padded to the
+  tokenizer's full context length (77), backward, step. Evaluation re-encodes the
+  class prompts for every test batch of 100 images, as Dassl's test loop does.
+- vlkit: encodes `--views` augmented views per training image once, then each
+  step samples one cached view per image and runs only the text tower on prompts
+  cut to the longest one; evaluation computes the text classifier once.
+
+Both encode the test images once (same cost, timed inside each path).
+
+Memory (`--memory`): peak resident memory of CoOp training steps on the
+1,906-class emoji-label task (full data in the data dir), measured in a fresh
+subprocess per setting: all classes through the text tower at once vs
+`--class-chunk` classes at a time.
+
+Model: `--model SPEC` (e.g. vlkit-tiny) or, by default, a random CLIP built
+here (SMALL: text 2x128, vision 2x192 at 128 px, patch 8, the cost balance
+of ViT-B/16; the BPE of
+bench/zeroshot_throughput.py trained on the tasks' class names, so each name is
+about one token as in CLIP's vocabulary). Random weights: accuracies are low and
+only their equality between the two paths matters here.
+
+Writes bench/out/coop_speed.json and bench/out/coop_speed.md.
+
+    .venv/bin/python bench/coop_speed.py                       # as recorded in BENCHMARKS.md
+    .venv/bin/python bench/coop_speed.py --epochs 5            # quick look (not the 16-shot recipe)
+    .venv/bin/python bench/coop_speed.py --memory-only         # only the 1,906-class memory rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+sys.path.insert(0, str(HERE))
+
+
+# A small CLIP with ViT-B/16's cost balance, sized for 2 shared CPU cores. In ViT-B/16
+# one image (197 tokens x 768 wide) costs about 23x one prompt cut to ~20 tokens of the
+# 512-wide text tower; here one image (257 tokens x 192) costs about 21x one prompt of
+# 28 tokens x 128. Both towers 2 layers deep, so the grid runs in minutes.
+SMALL = dict(
+    text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77),
+    vision=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=2, num_attention_heads=3, image_size=128, patch_size=8),
+    projection_dim=128,
+)
+
+
+def build_small_clip(folder: Path, corpus: list[str], seed: int) -> Path:
+    """Random CLIPModel (SMALL) + BPE tokenizer trained on `corpus` + 96 px CLIPImageProcessor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from zeroshot_throughput import build_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(folder, corpus)
+    text = dict(SMALL["text"], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = CLIPConfig(text_config=text, vision_config=SMALL["vision"], projection_dim=SMALL["projection_dim"])
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    px = SMALL["vision"]["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": px}, crop_size={"height": px, "width": px}).save_pretrained(folder)
+    return folder
+
+
+def get_model(spec: str | None, classnames: list[str], seed: int):
+    from vlkit.models import load_model
+
+    if spec:
+        return load_model(spec), spec
+    folder = OUT / "coop-clip-small-random"
+    if not (folder / "config.json").exists():
+        corpus = [t.format(c) for c in classnames for t in ("a photo of a {}.", "an emoji of {}.", "{}")]
+        corpus += ["a photo of a", "x"] * 4
+        build_small_clip(folder, corpus, seed)
+    return load_model(str(folder)), "random CLIP 'small' (text 2x128, vision 2x192 at 128 px / patch 8, BPE on the tasks' class names)"
+
+
+def accuracy(logits: torch.Tensor, labels: list[int]) -> float:
+    from vlkit.metrics import topk_accuracy
+
+    return topk_accuracy(logits, labels, 1)
+
+
+@torch.no_grad()
+def encode_test(model, images, batch_size: int = 100) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch_size):
+        px = torch.stack([model.preprocess(im) for im in images[i : i + batch_size]])
+        out.append(model.encode_image(px))
+    return torch.cat(out)
+
+
+def run_vlkit(model, classnames, train_images, train_labels, test_images, test_labels, config, views: int, seed: int) -> dict:
+    from vlkit.adapt.coop import classifier_weights, prompt_logits, train_coop
+    from vlkit.adapt.features import AugmentOptions, augmented_features
+
+    t0 = time.perf_counter()
+    feats = augmented_features(model, train_images, AugmentOptions(views=views, seed=seed))
+    t_cache = time.perf_counter() - t0
+    result = train_coop(model, classnames, feats, torch.tensor(train_labels), config, shots=16)
+    t_train = result.seconds
+    t1 = time.perf_counter()
+    test = encode_test(model, test_images)
+    classifier = classifier_weights(model, result.learner)
+    acc = accuracy(prompt_logits(model, test, classifier), test_labels)
+    t_eval = time.perf_counter() - t1
+    return {"cache_views_s": t_cache, "train_s": t_train, "eval_s": t_eval, "total_s": t_cache + t_train + t_eval,
+            "accuracy": acc, "final_loss": result.history[-1]["loss"], "epochs": result.epochs}
+
+
+def run_reference(model, classnames, train_images, train_labels, test_images, test_labels, config, seed: int) -> dict:
+    """The reference loop: image tower every step, prompts padded to full length, text re-encoded per test batch."""
+    import torch.nn.functional as F
+
+    from vlkit.adapt.coop import _batches, epochs_for_shots, freeze, lr_at_epoch, make_optimizer
+    from vlkit.adapt.features import AugmentOptions, augment
+    from vlkit.adapt.prompt_learner import PromptLearner, PromptOptions
+
+    freeze(model)
+    opts = PromptOptions(**{**config.prompt.to_dict(), "truncate": False})
+    learner = PromptLearner(model, classnames, opts, generator=torch.Generator().manual_seed(config.seed))
+    opt = make_optimizer([learner.ctx], config)
+    order_gen = torch.Generator().manual_seed(config.seed + 1)
+    aug_gen = torch.Generator().manual_seed(seed)
+    aug = AugmentOptions(seed=seed)
+    size = int(model.preprocess.image_size)
+    labels = torch.tensor(train_labels)
+    epochs = config.epochs or epochs_for_shots(16)
+    scale = model.logit_scale.detach()
+    t0 = time.perf_counter()
+    loss = torch.tensor(0.0)
+    for epoch in range(epochs):
+        for g in opt.param_groups:
+            g["lr"] = lr_at_epoch(epoch, epochs, config.lr, config.warmup_epochs, config.warmup_lr)
+        for idx in _batches(len(train_images), config.batch_size, order_gen):
+            with torch.no_grad():
+                px = torch.stack([model.preprocess(augment(train_images[int(i)], size, aug, aug_gen)) for i in idx])
+                img = model.encode_image(px)
+            text = learner.text_features(model)
+            loss = F.cross_entropy(scale * img @ text.t(), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    t_train = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    logits = []
+    with torch.no_grad():
+        for i in range(0, len(test_images), 100):
+            img = encode_test(model, test_images[i : i + 100])
+            logits.append(scale * img @ learner.text_features(model).t())  # prompts re-encoded per batch
+    acc = accuracy(torch.cat(logits), test_labels)
+    t_eval = time.perf_counter() - t1
+    return {"cache_views_s": 0.0, "train_s": t_train, "eval_s": t_eval, "total_s": t_train + t_eval,
+            "accuracy": acc, "final_loss": float(loss.detach()), "epochs": epochs}
+
+
+MEMORY_CHILD = r"""
+import json, resource, sys, time, torch
+sys.path.insert(0, {here!r})
+torch.set_num_threads({threads})
+from coop_speed import get_model
+from vlkit.adapt.coop import CoOpConfig, coop_loss_backward, classifier_weights, freeze
+from vlkit.adapt.prompt_learner import PromptLearner, PromptOptions
+names = json.loads(open({names!r}).read())
+model, _ = get_model({spec!r}, names, 0)
+freeze(model)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+learner = PromptLearner(model, names, PromptOptions(n_ctx=16), generator=torch.Generator().manual_seed(1))
+opt = torch.optim.SGD([learner.ctx], lr=0.002, momentum=0.9)
+g = torch.Generator().manual_seed(0)
+x = torch.nn.functional.normalize(torch.randn(32, model.embed_dim, generator=g), dim=-1)
+y = torch.randint(0, len(names), (32,), generator=g)
+t = time.perf_counter()
+for _ in range({steps}):
+    opt.zero_grad(set_to_none=True)
+    coop_loss_backward(model, learner, x, y, class_chunk={chunk})
+    opt.step()
+step_s = (time.perf_counter() - t) / {steps}
+classifier_weights(model, learner, chunk_size={chunk} or 256)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"peak_rss_mib": peak / 1024, "model_loaded_rss_mib": base / 1024, "step_s": step_s,
+                  "seq_len": int(learner.token_ids.shape[1])}}))
+"""
+
+
+def memory_rows(spec: str | None, names: list[str], chunk: int, threads: int, steps: int) -> list[dict]:
+    names_file = OUT / "coop_memory_classnames.json"
+    names_file.write_text(json.dumps(names))
+    rows = []
+    for c in (None, chunk):
+        code = MEMORY_CHILD.format(here=str(HERE), threads=threads, names=str(names_file), spec=spec, chunk=c, steps=steps)
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        rows.append({"class_chunk": c, "classes": len(names), **json.loads(res.stdout.strip().splitlines()[-1])})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="model spec; default: a random small CLIP built here")
+    ap.add_argument("--task", default="emoji-group")
+    ap.add_argument("--data-dir", default="sample")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the paper's 200 for 16 shots")
+    ap.add_argument("--n-ctx", type=int, default=16)
+    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (same for both paths)")
+    ap.add_argument("--memory-task", default="emoji-label")
+    ap.add_argument("--memory-data-dir", default=None, help="data dir holding the full emoji-label task")
+    ap.add_argument("--class-chunk", type=int, default=128)
+    ap.add_argument("--memory-steps", type=int, default=3)
+    ap.add_argument("--memory-only", action="store_true")
+    ap.add_argument("--no-memory", action="store_true")
+    args = ap.parse_args()
+
+    from vlkit.adapt.coop import CoOpConfig
+    from vlkit.adapt.prompt_learner import PromptOptions
+    from vlkit.data.fewshot import load_fewshot
+    from vlkit.data.images import load_image
+    from vlkit.data.tasks import load_task
+
+    torch.set_num_threads(args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    task = load_fewshot(load_task(args.task, args.data_dir), 16, args.seed)
+    big = None if args.no_memory else load_task(args.memory_task, args.memory_data_dir, write=False)
+    # the random model's BPE learns every class name of both tasks as whole words
+    model, model_desc = get_model(args.model, task.classnames + (big.classnames if big else []), 0)
+    record: dict = {"model": model_desc, "fingerprint": model.fingerprint(), "task": task.name, "threads": args.threads,
+                    "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"}
+    if not args.memory_only:
+        train_images = [load_image(p) for p in task.paths("train")]
+        test_images = [load_image(p) for p in task.paths("test")]
+        config = CoOpConfig(prompt=PromptOptions(n_ctx=args.n_ctx), epochs=args.epochs, seed=args.seed)
+        common = (model, task.classnames, train_images, task.labels("train"), test_images, task.labels("test"), config)
+        record["config"] = {**config.to_dict(), "views": args.views, "shots": 16,
+                            "train_images": len(train_images), "test_images": len(test_images), "classes": task.num_classes}
+        record["vlkit"] = run_vlkit(*common, views=args.views, seed=args.seed)
+        print("vlkit", record["vlkit"], flush=True)
+        record["reference"] = run_reference(*common, seed=args.seed)
+        print("reference", record["reference"], flush=True)
+        record["speedup_total"] = record["reference"]["total_s"] / record["vlkit"]["total_s"]
+        record["speedup_train"] = record["reference"]["train_s"] / (record["vlkit"]["train_s"] + record["vlkit"]["cache_views_s"])
+        record["accuracy_gap_points"] = 100 * (record["vlkit"]["accuracy"] - record["reference"]["accuracy"])
+    if big is not None:
+        record["memory"] = memory_rows(args.model, big.classnames, args.class_chunk, args.threads, args.memory_steps)
+        print("memory", record["memory"], flush=True)
+    (OUT / "coop_speed.json").write_text(json.dumps(record, indent=2) + "\n")
+    (OUT / "coop_speed.md").write_text(markdown(record))
+    print(markdown(record))
+
+
+def markdown(r: dict) -> str:
+    lines = [f"Model: {r['model']}; task {r['task']}; {r['machine']}.", ""]
+    if "vlkit" in r:
+        c = r["config"]
+        lines += [
+            f"CoOp 16 shots, M={c['prompt']['n_ctx']} end, unified, {r['vlkit']['epochs']} epochs, batch {c['batch_size']}, "
+            f"{c['classes']} classes, {c['train_images']} train / {c['test_images']} test images, seed {c['seed']}.",
+            "",
+            "| path | cache views (s) | train (s) | eval (s) | total (s) | test top-1 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name in ("reference", "vlkit"):
+            x = r[name]
+            label = "reference loop (image tower every step)" if name == "reference" else f"vlkit cached features ({c['views']} views)"
+            lines.append(f"| {label} | {x['cache_views_s']:.1f} | {x['train_s']:.1f} | {x['eval_s']:.1f} | {x['total_s']:.1f} | {100 * x['accuracy']:.2f}% |")
+        lines += ["", f"Speed-up, total wall time: **{r['speedup_total']:.1f}x**; training incl. view caching: "
+                      f"{r['speedup_train']:.1f}x; accuracy gap {r['accuracy_gap_points']:+.2f} points.", ""]
+    if "memory" in r:
+        lines += ["| classes | class chunk | peak RSS (MiB) | RSS after model load (MiB) | s / step | prompt length |", "|---:|---:|---:|---:|---:|---:|"]
+        for m in r["memory"]:
+            lines.append(f"| {m['classes']} | {m['class_chunk'] or 'all'} | {m['peak_rss_mib']:.0f} | {m['model_loaded_rss_mib']:.0f} | {m['step_s']:.2f} | {m['seq_len']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
