@@ -11,12 +11,26 @@ from vlkit.adapt.prompt_learner import PromptLearner, PromptOptions, special_tok
 from vlkit.errors import VlkitError
 
 CLASSES = ["cat", "dog", "red heart", "smiling_face", "car"]
-BACKENDS = ["fake_causal", "fake_bidir", "tiny_clip_model", "tiny_dual_model"]
+BACKENDS = ["fake_causal", "fake_bidir", "tiny_clip_model", "tiny_dual_model", "vlkit_mean_model"]
 
 
 @pytest.fixture(scope="module")
 def fakes():
     return {"fake_causal": FakeVLModel(causal=True), "fake_bidir": FakeVLModel(causal=False)}
+
+
+@pytest.fixture(scope="module")
+def vlkit_mean_model(tmp_path_factory):
+    """vlkit's own dual-encoder format (the embedded model's) with a BERT tower pooled by mean."""
+    from conftest import build_tiny_bert_folder
+    from vlkit.models import build_vlkit_dual_encoder
+
+    bert = build_tiny_bert_folder(tmp_path_factory.mktemp("bert_mean"), sentence_pooling="mean")
+    vit = {"model_type": "vit", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+    model = build_vlkit_dual_encoder(vit, text_tower=bert, projection_dim=16, context_length=24).eval()
+    assert model.text_pooling == "mean"
+    return model
 
 
 @pytest.fixture(params=BACKENDS)
