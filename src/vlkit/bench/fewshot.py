@@ -102,8 +102,8 @@ def _input(model: VLModel, split: FewShotSplit, shots: int, seed: int, epochs: i
         val_labels=split.val_labels,
         shots=shots,
         seed=seed,
-        epochs=epochs,
-        options=options,
+        epochs=int(options["epochs"]) if "epochs" in options else epochs,  # a method's own budget wins
+        options={k: v for k, v in options.items() if k != "epochs"},
     )
 
 
@@ -133,7 +133,8 @@ def run_fewshot(
     """Run (task, method, shots, seed) not yet in `<out>/results.jsonl`; write table and plot.
 
     epochs: one epoch budget for every trained method (None = each paper's recipe).
-    options: per-method settings, e.g. {"tip-adapter": {"beta_steps": 50}}.
+    options: per-method settings, e.g. {"tip-adapter": {"beta_steps": 50}, "cocoop": {"epochs": 5}}
+        (a method's own "epochs" overrides `epochs`).
     domain_styles: also evaluate per held-out test style and on unused train-style images.
     """
     methods = check_methods(methods)
@@ -164,7 +165,8 @@ def run_fewshot(
                 if results.has(key):
                     continue
                 split = provider.split(task, max(k, 1), seed if seed else seeds[0], styles=domain_styles)
-                fitted, seconds = _fit(method, _input(vl, split, k, seed, epochs, options.get(method, {})))
+                inp = _input(vl, split, k, seed, epochs, options.get(method, {}))
+                fitted, seconds = _fit(method, inp)
                 evals = {name: accuracy(fitted.logits(x), y) for name, (x, y) in split.evals.items()}
                 record = {
                     **key,
@@ -173,6 +175,7 @@ def run_fewshot(
                     "n_train": int(len(split.train_labels)),
                     "n_test": int(len(split.evals["test"][1])),
                     "seconds": round(seconds, 3),
+                    "epochs": inp.epochs,  # None: the method's own recipe
                     "info": fitted.info,
                 }
                 results.add(record)
