@@ -11,9 +11,15 @@ Ray start-up (`ray.init`) is timed apart. Ray Data starts its actors (and each
 loads the model) per dataset, so every Ray pass includes that cost; two passes
 are shown to expose run-to-run noise. Embeddings are compared (max abs difference).
 
+Throughput does not depend on the weights' values, so `--untrained CONFIG` measures
+an untrained model of a pretraining config's architecture (e.g. configs/vlkit-tiny.json),
+exported to a temporary folder that every Ray worker loads, when the trained weights
+are not at hand.
+
 Writes bench/out/retrieval_ray_throughput.json and .md.
 
     .venv/bin/python bench/retrieval_ray_throughput.py --images 2000
+    .venv/bin/python bench/retrieval_ray_throughput.py --untrained configs/vlkit-tiny.json
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--untrained", default=None, help="pretraining config: measure a random model of its architecture")
     args = ap.parse_args()
 
     import torch
@@ -50,6 +57,18 @@ def main() -> None:
     table = Path(args.data_dir).expanduser() / "built" / args.dataset / "metadata.jsonl"
     paths = [str(it.path) for it in read_source(table, caption_field=None).items][: args.images]
     torch.set_num_threads(args.threads)
+    label = args.model
+    if args.untrained:
+        import tempfile
+
+        from vlkit.pretrain.build import build_model
+        from vlkit.pretrain.config import config_from_dict
+        from vlkit.pretrain.export import export_vlkit
+
+        cfg = config_from_dict(json.loads(Path(args.untrained).read_text()), args.untrained).model
+        folder = Path(tempfile.mkdtemp(prefix="vlkit-untrained-"))
+        export_vlkit(build_model(cfg)[0], cfg, folder)
+        args.model, label = str(folder), f"untrained {Path(args.untrained).stem} architecture"
     model = load_model(args.model).eval()
 
     t = time.perf_counter()
@@ -73,11 +92,11 @@ def main() -> None:
         {"path": f"Ray Data, {args.workers} workers x 1 thread, pass 1", "seconds": passes[0], "images_per_s": n / passes[0]},
         {"path": f"Ray Data, {args.workers} workers x 1 thread, pass 2", "seconds": passes[1], "images_per_s": n / passes[1]},
     ]
-    record = {"model": args.model, "images": n, "batch_size": args.batch_size, "ray_init_s": t_init, "max_abs_diff": diff, "rows": rows, "cpus": os.cpu_count()}
+    record = {"model": label, "images": n, "batch_size": args.batch_size, "ray_init_s": t_init, "max_abs_diff": diff, "rows": rows, "cpus": os.cpu_count()}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "retrieval_ray_throughput.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
-        f"{n} {args.dataset} images ({model.preprocess.image_size} px input), model {args.model}, batch {args.batch_size}, "
+        f"{n} {args.dataset} images ({model.preprocess.image_size} px input), model: {label}, batch {args.batch_size}, "
         f"{os.cpu_count()} CPUs; ray.init {t_init:.1f} s (not included); max |ray - single| = {diff:.2e}.",
         "",
         "| path | seconds | images/s |",
