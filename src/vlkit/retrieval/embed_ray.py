@@ -95,7 +95,7 @@ def embed_images_ray(
         fn_constructor_kwargs={"spec": spec, "fingerprint": model.fingerprint(), "torch_threads": torch_threads},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=num_workers,
+        compute=ray.data.ActorPoolStrategy(size=num_workers),
         num_cpus=1,
     )
     rows: list[dict[str, Any]] = sorted(out.take_all(), key=lambda r: int(r["position"]))
