@@ -216,3 +216,14 @@ def test_task_errors_are_user_errors():
     with pytest.raises(SystemExit) as e:  # neither --data nor --task
         cli_main(["zeroshot", "--model", "x"])
     assert e.value.code == 2
+
+
+def test_cache_dir_holds_feature_and_text_caches(tiny_clip_model, image_folder, tmp_path):
+    root = tmp_path / "c"
+    a = zeroshot.classify(tiny_clip_model, image_folder, templates="ensemble", cache_dir=root, progress=False)
+    assert len(list((root / "features").glob("*.safetensors"))) == 1
+    assert len(list((root / "zeroshot-text").glob("*.safetensors"))) == 1
+    zeroshot.clear_memory_cache()
+    b = zeroshot.classify(tiny_clip_model, image_folder, templates="ensemble", cache_dir=root, progress=False)
+    assert torch.equal(a.logits, b.logits) and a.paths == b.paths and a.skipped == b.skipped
+    assert not (tmp_path / "cache").exists()  # nothing went to $VLKIT_CACHE

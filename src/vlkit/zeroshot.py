@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 SINGLE_TEMPLATE = "a photo of a {}."
 PLACEHOLDER = "{}"
-TEMPLATE_SETS = {"single", "ensemble", "openai_imagenet"}
 
 # (fingerprint, classnames, templates) -> [C, D] classifier on CPU; small LRU so a
 # long-lived process (a notebook, a server) does not grow without bound.
@@ -412,12 +411,13 @@ def classify(
     `data`: an image folder / CSV / JSONL path, a dataset, a list of image paths or
     (path, label) pairs. `classnames` defaults to the dataset's. `templates`:
     "single", "ensemble" (OpenAI's 80), a file or a list. `cache` turns on the image
-    feature cache and the text classifier cache (memory, plus disk under
-    `cache_dir`, default `default_cache_dir()`). Unreadable images are skipped and
-    listed in `result.skipped`.
+    feature cache (`<cache_dir>/features`) and the text classifier cache (memory,
+    plus `<cache_dir>/zeroshot-text`); `cache_dir` defaults to `default_cache_dir()`.
+    Unreadable images are skipped and listed in `result.skipped`.
     """
     import torch
 
+    from vlkit.data.cache import FeatureCache
     from vlkit.features import extract_image_features
 
     items = as_labeled_images(data, classnames)
@@ -429,7 +429,8 @@ def classify(
     classifier = zeroshot_classifier(
         model, names, temps, batch_size=max(batch_size, 256), cache=cache, cache_dir=root if cache else None, progress=progress
     )
-    feats = extract_image_features(model, items.paths, batch_size=batch_size, cache=cache, progress=progress)
+    image_cache = FeatureCache(root / "features") if cache else False
+    feats = extract_image_features(model, items.paths, batch_size=batch_size, cache=image_cache, progress=progress)
     kept_labels = None
     if items.labels is not None:
         # feats.paths is the input order minus skipped files: walk both in step so
