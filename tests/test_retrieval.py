@@ -251,6 +251,8 @@ def test_image_outside_root_is_refused(color_index, tmp_path):
     make_squares(tmp_path / "elsewhere", ["red"])
     with pytest.raises(VlkitError, match="outside the index's image root"):
         add_images(color_index, ColorModel(), read_source(tmp_path / "elsewhere"), progress=False)
+    assert read_manifest(color_index)["complete"]  # refused before anything was written
+    assert Searcher.open(color_index, ColorModel()).search_text("red", k=1)[0].id == "img/red.png"
 
 
 def test_source_errors_name_the_input(tmp_path):

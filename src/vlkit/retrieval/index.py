@@ -256,8 +256,8 @@ def _relative(path: Path, root: Path, index_dir: Path) -> str:
         return path.resolve().relative_to(root).as_posix()
     except ValueError:
         raise VlkitError(
-            f"{path}: outside the index's image root {root}; index {index_dir} only serves files under its root, "
-            "so build a separate index (or one with a common --image-root)"
+            f"{path}: outside the index's image root {root} (symlinks are followed); index {index_dir} only holds "
+            "files under its root, so build a separate index (or one with a common --image-root)"
         ) from None
 
 
@@ -281,21 +281,20 @@ def add_images(
         raise VlkitError(f"chunk size {chunk_size}: must be at least 1")
     embedder = embedder or embed_images_local
     root = Path(man["image_root"])
-    if source.description not in man["sources"]:
-        man["sources"].append(source.description)
-    man["complete"] = False
-    io.write_json(index_dir / MANIFEST, man)
-
     shards = list_shards(index_dir)
     done = {rec["path"] for s in shards for rec in s.images} | {p for s in shards for p, _ in s.skipped}
     pending, seen, report = [], set(), AddReport()
-    for item in source.items:
+    for item in source.items:  # every input is checked before the index is touched
         rel = _relative(item.path, root, index_dir)
         if rel in done or rel in seen:
             report.already_done += 1
             continue
         seen.add(rel)
         pending.append((rel, item))
+    if source.description not in man["sources"]:
+        man["sources"].append(source.description)
+    man["complete"] = False
+    io.write_json(index_dir / MANIFEST, man)
 
     next_number = shards[-1].number + 1 if shards else 0
     from rich.progress import Progress
