@@ -98,9 +98,11 @@ def _print_summary(metrics: dict, result, run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"zero-shot: {len(result.classnames)} classes, {len(result.templates)} template(s)")
+    table = Table(title="zero-shot classification")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_row("classes", str(len(result.classnames)))
+    table.add_row("prompt templates", str(len(result.templates)))
     table.add_row("images scored", str(len(result.paths)))
     table.add_row("images skipped", str(metrics["num_skipped"]))
     pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
