@@ -301,3 +301,35 @@ def test_all_images_skipped_writes_null_metrics_not_nan(tmp_path):
     m = r.save(tmp_path)
     assert m["top1"] is None and m["mean_per_class_recall"] is None
     assert "NaN" not in (tmp_path / "metrics.json").read_text()
+
+
+class _DS:
+    """The dataset protocol classify relies on: paths, labels, classnames."""
+
+    def __init__(self, labels, classnames, n=4):
+        self.paths = [f"{i}.png" for i in range(n)]
+        self.labels = labels
+        self.classnames = classnames
+        self.root = "ds"
+
+
+def test_dataset_labels_map_into_a_user_class_list():
+    ds = _DS([0, 1, 2, 1], ["cat", "dog", "fox"])
+    assert zeroshot.as_labeled_images(ds).labels == [0, 1, 2, 1]
+    by_name = zeroshot.as_labeled_images(ds, ["fox", "owl", "cat", "dog"])  # superset, reordered
+    assert by_name.labels == [2, 3, 0, 3] and by_name.classnames == ["fox", "owl", "cat", "dog"]
+    by_position = zeroshot.as_labeled_images(ds, ["Cat", "Dog", "Fox"])
+    assert by_position.labels == [0, 1, 2, 1]
+    with pytest.raises(VlkitError, match="dataset 'ds' has 3 classes but the class list has 2 and lacks 'fox'"):
+        zeroshot.as_labeled_images(ds, ["cat", "dog"])
+    unlabelled = zeroshot.as_labeled_images(_DS(None, None), ["a", "b"])
+    assert unlabelled.labels is None and unlabelled.classnames == ["a", "b"]
+
+
+def test_lists_of_paths_or_pairs():
+    pairs = zeroshot.as_labeled_images([("x.png", "dog"), ("y.png", 0)], ["cat", "dog"])
+    assert pairs.paths == ["x.png", "y.png"] and pairs.labels == [1, 0]
+    with pytest.raises(VlkitError, match="x.png: label 'owl' is not in the class list"):
+        zeroshot.as_labeled_images([("x.png", "owl")], ["cat", "dog"])
+    plain = zeroshot.as_labeled_images(["x.png", "y.png"], ["cat", "dog"])
+    assert plain.labels is None and plain.paths == ["x.png", "y.png"]
