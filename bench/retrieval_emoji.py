@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import time
-from functools import partial
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -39,10 +38,18 @@ def main() -> None:
 
     table = Path(args.data_dir).expanduser() / "built" / args.dataset / "metadata.jsonl"
     model = load_model(args.model).eval()
+    image_features: dict[tuple[str, ...], tuple] = {}
+
+    def embedder(model, paths):  # the images are the same for every caption form: embed them once
+        key = tuple(paths)
+        if key not in image_features:
+            image_features[key] = embed_images_local(model, paths, batch_size=128)
+        return image_features[key]
+
     results = {}
     for name, template in TEMPLATES.items():
         t = time.perf_counter()
-        res = evaluate_retrieval(model, read_source(table, caption_template=template), embedder=partial(embed_images_local, batch_size=128))
+        res = evaluate_retrieval(model, read_source(table, caption_template=template), embedder=embedder)
         results[name] = {**as_dict(res), "seconds": time.perf_counter() - t}
         print(name, json.dumps({k: results[name][k] for k in ("text_to_image", "image_to_text")}), flush=True)
 
