@@ -96,3 +96,14 @@ def test_index_add_refuses_other_model(built, tiny_dual_dir, cli):
     res = cli("index", "add", out, "--images", table, "--no-progress")  # default: the index's own model
     assert res.exit_code == 0, res.output
     assert "0 images and 0 captions; 6 already in the index" in res.output
+
+
+def test_serve_binds_localhost_by_default(built, cli, monkeypatch):
+    import vlkit.retrieval.server as server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda searcher, host, port, limits: seen.update(host=host, port=port, limits=limits))
+    _, _, out = built
+    res = cli("serve", out, "--max-k", "7")
+    assert res.exit_code == 0, res.output
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8000 and seen["limits"].max_k == 7
