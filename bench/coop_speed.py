@@ -110,6 +110,7 @@ def encode_test(model, images, batch_size: int = 100) -> torch.Tensor:
 
 
 def run_vlkit(model, classnames, train_images, train_labels, test_images, test_labels, config, views: int, seed: int) -> dict:
+    """`seed` drives the augmentation draws only; the context init and batch order follow `config.seed`."""
     from vlkit.adapt.coop import classifier_weights, prompt_logits, train_coop
     from vlkit.adapt.features import AugmentOptions, augmented_features
 
@@ -229,6 +230,9 @@ def main() -> None:
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--vlkit-only", action="store_true",
+                    help="only the cached path (e.g. to measure the spread over --aug-seed); writes coop_speed_vlkit-<views>v-aug<seed>.json")
+    ap.add_argument("--aug-seed", type=int, default=None, help="augmentation seed of the cached views (default: --seed)")
     args = ap.parse_args()
 
     from vlkit.adapt.coop import CoOpConfig
@@ -252,8 +256,13 @@ def main() -> None:
         common = (model, task.classnames, train_images, task.labels("train"), test_images, task.labels("test"), config)
         record["config"] = {**config.to_dict(), "views": args.views, "shots": 16,
                             "train_images": len(train_images), "test_images": len(test_images), "classes": task.num_classes}
-        record["vlkit"] = run_vlkit(*common, views=args.views, seed=args.seed)
+        aug_seed = args.seed if args.aug_seed is None else args.aug_seed
+        record["vlkit"] = run_vlkit(*common, views=args.views, seed=aug_seed)
+        record["aug_seed"] = aug_seed
         print("vlkit", record["vlkit"], flush=True)
+        if args.vlkit_only:
+            (OUT / f"coop_speed_vlkit-{args.views}v-aug{aug_seed}.json").write_text(json.dumps(record, indent=2) + "\n")
+            return
         record["reference"] = run_reference(*common, seed=args.seed)
         print("reference", record["reference"], flush=True)
         record["speedup_total"] = record["reference"]["total_s"] / record["vlkit"]["total_s"]
