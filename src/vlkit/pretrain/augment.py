@@ -49,9 +49,26 @@ def apply(images: torch.Tensor, params: torch.Tensor, flip_ok: torch.Tensor | No
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def draw_color(n: int, g: torch.Generator, strength: float) -> torch.Tensor:
+    """[n, 3] brightness, contrast and saturation factors, uniform in [1 - s, 1 + s]."""
+    return 1.0 + (torch.rand(n, 3, generator=g, dtype=torch.float64) * 2 - 1).float() * strength
+
+
+def apply_color(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Jitter brightness, contrast and saturation of images in [0, 1]; hue is kept (emoji colours are names)."""
+    f = factors.to(device=x.device, dtype=x.dtype)
+    b, c, s = (f[:, i].view(-1, 1, 1, 1) for i in range(3))
+    x = x * b
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * c + mean
+    grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = (x - grey) * s + grey
+    return x.clamp(0.0, 1.0)
+
+
 def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [B, 3, S, S] -> float, scaled to [0, 1] then standardised per channel."""
-    x = images_uint8.float() / 255.0
+    """uint8 [B, 3, S, S] (or float already in [0, 1]) -> float, standardised per channel."""
+    x = images_uint8.float() / 255.0 if images_uint8.dtype == torch.uint8 else images_uint8
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s

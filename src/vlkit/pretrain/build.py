@@ -88,13 +88,16 @@ def tokenize(tokenizer, texts: list[str], context_length: int) -> tuple[torch.Te
 def encode_pooled_text(model: DualEncoder, tokenizer, texts: list[str], context_length: int, batch_size: int = 256, progress=None) -> torch.Tensor:
     """Pooled outputs of the (locked) text tower for `texts`, in order: [N, text_width]."""
     device = next(model.text_model.parameters()).device
-    out = []
+    # Sorted by length, batches pad little (mean pooling ignores padding; order is restored).
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), model.text_width)
     was = model.text_model.training
     model.text_model.eval()
     for i in range(0, len(texts), batch_size):
-        ids, mask = tokenize(tokenizer, texts[i : i + batch_size], context_length)
-        out.append(model.text_pooled(ids.to(device), mask.to(device)).float().cpu())
+        idx = order[i : i + batch_size]
+        ids, mask = tokenize(tokenizer, [texts[j] for j in idx], context_length)
+        out[idx] = model.text_pooled(ids.to(device), mask.to(device)).float().cpu()
         if progress is not None:
             progress(min(i + batch_size, len(texts)))
     model.text_model.train(was)
-    return torch.cat(out) if out else torch.empty(0, model.text_width)
+    return out

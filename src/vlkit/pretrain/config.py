@@ -53,6 +53,7 @@ class AugmentConfig:
     crop_scale: list = field(default_factory=lambda: [0.6, 1.0])
     crop_ratio: list = field(default_factory=lambda: [0.8, 1.25])
     flip: bool = True
+    color_jitter: float = 0.0
 
 
 @dataclass

@@ -47,51 +47,52 @@ def _uniq(items: Sequence[str]) -> list[str]:
 def emoji_captions(row: dict, languages: Sequence[str] = ("en", "zh")) -> list[str]:
     """Captions for one emoji row: its name, tags, group and subgroup, several phrasings.
 
-    Name phrasings are listed twice so about half of the draws name the emoji; the
-    group and subgroup phrasings use the human-readable names tasks use as classes.
+    Skin-tone variants are captioned by their base emoji's name (as the label task
+    counts them), so a variant shares its base's captions. Name phrasings are listed
+    twice so about half of the draws name the emoji; group and subgroup phrasings
+    use the human-readable names tasks use as classes.
     """
-    label = str(row.get("label") or "").strip()
-    base = str(row.get("base_label") or "").strip() or label
-    if not label:
+    base = str(row.get("base_label") or row.get("label") or "").strip()
+    if not base:
         return []
     group = str(row.get("group_name") or _human(str(row.get("group") or ""))).strip()
     subgroup = str(row.get("subgroup_name") or _human(str(row.get("subgroup") or ""))).strip()
     tags = [_human(t) for t in (row.get("tags") or []) if t][:6]
-    names = _uniq([label, base])
-    name_caps = []
-    for n in names:
-        name_caps += [n, f"an emoji of {n}.", f"a {n} emoji.", f"an icon of {n}.", f"a picture of {n}."]
-    caps = name_caps + name_caps
+    names = [base, f"an emoji of {base}.", f"a {base} emoji.", f"an icon of {base}."]
+    caps = names + names
     if group:
-        caps += [f"an emoji from the category {group}.", f"an emoji of {group}: {base}."]
+        caps.append(f"an emoji from the category {group}.")
     if subgroup:
-        caps += [f"an emoji from the category {subgroup}.", f"an emoji of {subgroup}.", f"{base}, {subgroup}"]
+        caps += [f"an emoji from the category {subgroup}.", f"an emoji of {subgroup}."]
     caps += [f"an emoji of {t}." for t in tags]
     if tags:
         caps.append(f"{base}: " + ", ".join(tags))
     if "zh" in languages:
-        zh = _uniq([str(row.get("label_zh") or ""), str(row.get("base_label_zh") or "")])
-        caps += zh + [f"{z}的表情符号" for z in zh]
-        tags_zh = [str(t).strip() for t in (row.get("tags_zh") or []) if t][:4]
-        caps += [f"{t}表情" for t in tags_zh]
-        for key in ("group_zh", "subgroup_zh"):
-            if row.get(key):
-                caps.append(f"{row[key]}类表情：{zh[0] if zh else base}")
+        zh = str(row.get("base_label_zh") or row.get("label_zh") or "").strip()
+        if zh:
+            caps += [zh, f"{zh}的表情符号"]
+        caps += [f"{str(t).strip()}表情" for t in (row.get("tags_zh") or [])[:4] if t]
+        caps += [f"{row[k]}类表情" for k in ("group_zh", "subgroup_zh") if row.get(k)]
     return [c for c in (" ".join(x.split()) for x in caps) if c]
 
 
 def clipart_captions(row: dict, languages: Sequence[str] = ("en", "zh")) -> list[str]:
-    """Captions for one clip-art row: category words (twice, the reliable signal) and the noisy file-name caption."""
-    category = str(row.get("category") or "")
-    parts = [_human(p) for p in category.replace("\\", "/").split("/") if p]
-    leaf = parts[-1] if parts else ""
+    """Captions for one clip-art row: category words (twice, the reliable signal) and the noisy file-name caption.
+
+    The category is named at its second level (computer/icons/flat-theme/action ->
+    'icons', the level the category task uses) and, when deeper, also by its leaf.
+    """
+    parts = [_human(p) for p in str(row.get("category") or "").replace("\\", "/").split("/") if p]
     noisy = _human(str(row.get("caption") or ""))
     caps: list[str] = []
-    if leaf:
-        cat = [leaf, f"a clip art of {leaf}.", f"a drawing of {leaf}.", f"an illustration of {leaf}."]
+    names = _uniq([parts[1] if len(parts) > 1 else (parts[0] if parts else "")])
+    for name in names:
+        cat = [name, f"a clip art of {name}.", f"a drawing of {name}.", f"an illustration of {name}."]
         caps += cat + cat
-    if len(parts) > 1:
-        caps.append(f"a clip art of {parts[-1]} ({parts[0]}).")
+    if len(parts) > 2:
+        caps.append(f"a clip art of {parts[-1]} {parts[1]}.")
+    if parts:
+        caps.append(f"a clip art from the category {parts[0]}.")
     if noisy:
         caps += [noisy, f"a clip art of {noisy}."]
     return [c for c in (" ".join(x.split()) for x in caps) if c]

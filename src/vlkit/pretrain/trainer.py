@@ -35,7 +35,7 @@ from vlkit.pretrain.data import (
     sample_captions,
     step_generator,
 )
-from vlkit.pretrain.distributed import DistInfo, all_reduce_mean
+from vlkit.pretrain.distributed import DistInfo, all_reduce_mean, barrier
 from vlkit.pretrain.gradcache import gradcache_backward
 from vlkit.pretrain.losses import ClipLoss, clamp_logit_scale_
 
@@ -91,6 +91,18 @@ def trainable_state(model: nn.Module, skip_prefixes: tuple[str, ...]) -> dict[st
     return {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefixes)}
 
 
+def _read_text_cache(path: Path) -> tuple[dict[str, int], torch.Tensor | None]:
+    """(caption -> row, pooled table) of a text-embedding cache file; empty if absent."""
+    if not path.exists():
+        return {}, None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        texts = json.loads((f.metadata() or {}).get("texts", "[]"))
+        table = f.get_tensor("pooled")
+    return {t: i for i, t in enumerate(texts)}, table
+
+
 class Trainer:
     """One pretraining run in `run_dir` on this rank."""
 
@@ -127,6 +139,7 @@ class Trainer:
         self.skip_prefixes = ("text_model.",) if (cfg.model.lock_text and cfg.model.text_tower.pretrained) else ()
         self.images = load_image_tensor(self.pairs.image_paths, cfg.model.image_size)
         self.flip_ok = torch.tensor(self.pairs.flip_ok, dtype=torch.bool)
+        self.text_precompute_s = 0.0  # 0 when read from the cache
         self.text_pooled = self._precompute_text() if cfg.data.precompute_text else None
 
         self.loss_fn = ClipLoss(dist_info.rank, dist_info.world_size, local_loss=t.local_loss)
@@ -153,21 +166,29 @@ class Trainer:
         return DDP(self.model, device_ids=ids, broadcast_buffers=False)
 
     def _precompute_text(self) -> torch.Tensor:
-        """Pooled locked-tower outputs of every caption, computed once (cached on disk)."""
+        """Pooled locked-tower outputs of every caption, computed once.
+
+        Cached on disk per text tower (keyed by its settings) as a growing table of
+        caption -> pooled vector, so a changed caption set only encodes new captions.
+        """
         cfg = self.cfg
-        key = hashlib.sha256(
-            json.dumps([cfg.model.text_tower.__dict__, self.pairs.captions], ensure_ascii=False, default=str).encode()
-        ).hexdigest()[:20]
+        key = hashlib.sha256(json.dumps(cfg.model.text_tower.__dict__, sort_keys=True, default=str).encode()).hexdigest()[:20]
         cache_dir = Path(os.environ.get("VLKIT_CACHE", Path.home() / ".cache" / "vlkit")) / "pretrain-text"
         path = cache_dir / f"{key}.safetensors"
-        if path.exists():
-            from safetensors.torch import load_file
-
-            return load_file(str(path))["pooled"]
-        pooled = encode_pooled_text(self.model, self.tokenizer, self.pairs.captions, cfg.model.text_tower.context_length)
+        captions = self.pairs.captions
         if self.dist.is_main:
-            io.save_safetensors(path, {"pooled": pooled})
-        return pooled
+            known, table = _read_text_cache(path)
+            missing = [c for c in captions if c not in known]
+            if missing:
+                t0 = time.perf_counter()
+                new = encode_pooled_text(self.model, self.tokenizer, missing, cfg.model.text_tower.context_length)
+                self.text_precompute_s = round(time.perf_counter() - t0, 1)
+                texts = list(known) + missing
+                table = torch.cat([table, new]) if table is not None else new
+                io.save_safetensors(path, {"pooled": table}, metadata={"texts": json.dumps(texts, ensure_ascii=False)})
+        barrier()  # other ranks read what rank 0 wrote
+        known, table = _read_text_cache(path)
+        return table[torch.tensor([known[c] for c in captions], dtype=torch.long)]
 
     def _set_train_mode(self) -> None:
         self.model.train()
@@ -224,9 +245,13 @@ class Trainer:
         caption_ids = sample_captions(self.pairs.caption_ids, rows, g)
         a = cfg.data.augment
         params = augment.draw_params(len(rows), g, a.crop_scale, a.crop_ratio, a.flip)
+        color = augment.draw_color(len(rows), g, a.color_jitter) if a.color_jitter else None
         lo, hi = self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch
         rows, caption_ids, params = rows[lo:hi], caption_ids[lo:hi], params[lo:hi]
-        pixels = augment.normalize(self.images[rows], cfg.model.image_mean, cfg.model.image_std)
+        pixels = self.images[rows].float() / 255.0
+        if color is not None:
+            pixels = augment.apply_color(pixels, color[lo:hi])
+        pixels = augment.normalize(pixels, cfg.model.image_mean, cfg.model.image_std)
         pixels = augment.apply(pixels, params, self.flip_ok[rows]).to(self.device)
         if self.text_pooled is not None:
             text = self.text_pooled[caption_ids].to(self.device)
@@ -325,6 +350,7 @@ class Trainer:
             "epochs": self.global_step / self.steps_per_epoch,
             "train_pairs": len(self.pairs),
             "unique_captions": len(self.pairs.captions),
+            "text_precompute_s": self.text_precompute_s,
             "wall_s_this_session": round(elapsed, 2),
             "pairs_per_s_this_session": round(pairs_seen / elapsed, 2) if elapsed > 0 else None,
             "final_loss": self.history[-1]["loss"] if self.history else None,
