@@ -232,7 +232,9 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--vlkit-only", action="store_true",
                     help="only the cached path (e.g. to measure the spread over --aug-seed); writes coop_speed_vlkit-<views>v-aug<seed>.json")
-    ap.add_argument("--aug-seed", type=int, default=None, help="augmentation seed of the cached views (default: --seed)")
+    ap.add_argument("--reference-only", action="store_true",
+                    help="only the reference loop; writes coop_speed_reference-aug<seed>.json")
+    ap.add_argument("--aug-seed", type=int, default=None, help="augmentation seed of either path (default: --seed)")
     args = ap.parse_args()
 
     from vlkit.adapt.coop import CoOpConfig
@@ -257,13 +259,19 @@ def main() -> None:
         record["config"] = {**config.to_dict(), "views": args.views, "shots": 16,
                             "train_images": len(train_images), "test_images": len(test_images), "classes": task.num_classes}
         aug_seed = args.seed if args.aug_seed is None else args.aug_seed
+        if args.reference_only:
+            record["aug_seed"] = aug_seed
+            record["reference"] = run_reference(*common, seed=aug_seed)
+            print("reference", record["reference"], flush=True)
+            (OUT / f"coop_speed_reference-aug{aug_seed}.json").write_text(json.dumps(record, indent=2) + "\n")
+            return
         record["vlkit"] = run_vlkit(*common, views=args.views, seed=aug_seed)
         record["aug_seed"] = aug_seed
         print("vlkit", record["vlkit"], flush=True)
         if args.vlkit_only:
             (OUT / f"coop_speed_vlkit-{args.views}v-aug{aug_seed}.json").write_text(json.dumps(record, indent=2) + "\n")
             return
-        record["reference"] = run_reference(*common, seed=args.seed)
+        record["reference"] = run_reference(*common, seed=aug_seed)
         print("reference", record["reference"], flush=True)
         record["speedup_total"] = record["reference"]["total_s"] / record["vlkit"]["total_s"]
         record["speedup_train"] = record["reference"]["train_s"] / (record["vlkit"]["train_s"] + record["vlkit"]["cache_views_s"])

@@ -189,6 +189,7 @@ class PromptLearner(nn.Module):
                 shape = (len(rows), m, width) if options.csc else (m, width)
                 init = torch.randn(shape, generator=generator) * options.init_std
         self.ctx = nn.Parameter(init.to(device))
+        self.to(device)  # buffers beside the context, on the model's device
 
     # -- sizes -----------------------------------------------------------------------
     @property
