@@ -53,7 +53,7 @@ def nearest_tokens(model: VLModel, ctx: torch.Tensor, k: int = 3) -> list:
     ]
 
 
-def _clean(token: str) -> str:
+def clean_token(token: str) -> str:
     """Tokenizer-internal markers off, for display (CLIP's '</w>', WordPiece's '##')."""
     return token.replace("</w>", "").removeprefix("##") or token
 
@@ -64,9 +64,9 @@ def describe(neighbours: list, classnames: list[str] | None = None) -> str:
 
     def block(rows: list[list[Neighbour]], indent: str = "") -> None:
         for m, row in enumerate(rows, 1):
-            words = ", ".join(f"{_clean(n.token)} ({n.distance:.3f})" for n in row)
+            words = ", ".join(f"{clean_token(n.token)} ({n.distance:.3f})" for n in row)
             lines.append(f"{indent}ctx {m:>2}: {words}")
-        lines.append(f"{indent}nearest words: " + " ".join(_clean(row[0].token) for row in rows))
+        lines.append(f"{indent}nearest words: " + " ".join(clean_token(row[0].token) for row in rows))
 
     if neighbours and isinstance(neighbours[0][0], list):
         for c, rows in enumerate(neighbours):

@@ -120,6 +120,11 @@ def fit_and_evaluate(vl, classnames, train_paths, train_labels, test_paths, test
         scores = prompt_logits(vl, test.features.to(classifier.device), classifier).cpu()
         metrics["test"] = classification_metrics(scores, labels, classnames)
         metrics["test"]["num_skipped"] = len(test.skipped)
+        # the hand-written prompt CoOp replaces, on the same test features, for comparison
+        from vlkit.zeroshot import SINGLE_TEMPLATE, logits as zs_logits, zeroshot_classifier
+
+        zs = zs_logits(vl, test.features, zeroshot_classifier(vl, classnames, "single", cache=False)).cpu()
+        metrics["zeroshot_test_top1"] = {"template": SINGLE_TEMPLATE, "top1": classification_metrics(zs, labels, classnames)["top1"]}
     return {"result": result, "metrics": metrics}
 
 
@@ -140,8 +145,14 @@ def save_run(run_dir: Path, vl, fitted: dict, top_words: int) -> None:
     last = metrics["history"][-1]
     console.print(f"CoOp: {result.epochs} epochs in {metrics['train_seconds']:.1f} s; final loss {last['loss']:.4f}, train acc {100 * last['train_acc']:.1f}%")
     if "test" in metrics:
-        console.print(f"test top-1 {100 * metrics['test']['top1']:.2f}% on {metrics['test']['n']} images")
-    console.print(words if not result.learner.options.csc else words.split("\n", 1)[0] + " ... (see nearest_words.txt)")
+        console.print(f"test top-1 {100 * metrics['test']['top1']:.2f}% on {metrics['test']['n']} images "
+                      f"(zero-shot '{metrics['zeroshot_test_top1']['template']}': {100 * metrics['zeroshot_test_top1']['top1']:.2f}%)")
+    if result.learner.options.csc:  # one summary line per class; the full table is in nearest_words.txt
+        summary = [f"{name}: {' '.join(interpret.clean_token(row[0].token) for row in rows)}"
+                   for name, rows in zip(result.learner.classnames, near)]
+        console.print("nearest words per class:\n" + "\n".join(summary[:10]) + ("\n..." if len(summary) > 10 else ""))
+    else:
+        console.print(words)
     console.print(f"prompt: {run_dir / 'prompt'}\nrun folder: {run_dir}")
 
 
