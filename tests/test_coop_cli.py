@@ -76,3 +76,18 @@ def test_bad_inputs_fail_with_one_line(tmp_path, capsys):
     assert code == 2 and "exactly one of --task NAME or --data PATH" in cap.err
     code, cap = _run(["predict", "--prompt", str(tmp_path / "nope"), "--images", str(tmp_path)], capsys)
     assert code == 2 and "does not exist" in cap.err and len(cap.err.strip().splitlines()) == 1
+
+
+def test_train_on_a_bundled_task_scores_its_test_split(tmp_path, tiny_clip_dir, capsys, monkeypatch):
+    monkeypatch.setenv("VLKIT_CACHE", str(tmp_path / "cache"))
+    code, cap = _run(["coop", "train", "--model", str(tiny_clip_dir), "--task", "emoji-skintone", "--data-dir", "sample",
+                      "--shots", "2", "--epochs", "1", "--n-ctx", "2", "--csc", "--views", "1",
+                      "--out", str(tmp_path / "runs")], capsys)
+    assert code in (0, None)
+    (run,) = list((tmp_path / "runs").iterdir())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["num_classes"] == 5 and metrics["test"]["n"] > 0
+    assert metrics["zeroshot_test_top1"]["template"] == "a photo of a {}."
+    assert "nearest words per class:" in cap.out
+    meta = json.loads((run / "prompt" / "prompt.json").read_text())
+    assert meta["options"]["csc"] is True and meta["context_shape"][:2] == [5, 2]
