@@ -1,9 +1,12 @@
 """Every search direction with the embedded vlkit-tiny on the bundled emoji sample.
 
-The gallery is the sample's twitter and google emoji (896 images, captioned with
-their labels); queries are labels ("an emoji of {label}.") and the openmoji
-drawings of the same emoji, which are not in the index. A hit is an item of the
-same emoji label in the top 5. Chance is about 5 in 448 (1%).
+The gallery is the sample's 448 google-style emoji, captioned with their labels;
+queries are the 448 labels ("an emoji of {label}.") and every third openmoji
+drawing (150 images of other emoji styles, not in the index). A hit is an item of
+the same emoji label in the top 5; chance is 5 in 448 (1.1%). The bars sit well
+below what vlkit-tiny scored when these tests were written (text->image 0.78,
+image->image 0.67, image->text 0.56, text->text 1.00 on all 448 probes) and far
+above chance, so a retrained model must still be a working retriever to pass.
 """
 
 from __future__ import annotations
@@ -38,11 +41,16 @@ def sample(tiny, tmp_path_factory):
     if not SAMPLE.is_file():
         pytest.skip(f"bundled sample missing: {SAMPLE}")
     source = read_source(SAMPLE, caption_template="{label}")
-    gallery = [it for it in source.items if it.meta["style"] in ("twitter", "google")]
-    probes = [it for it in source.items if it.meta["style"] == "openmoji"]
+    gallery = [it for it in source.items if it.meta["style"] == "google"]
+    probes = [it for it in source.items if it.meta["style"] == "openmoji"][::3]
     out = tmp_path_factory.mktemp("tiny") / "index"
     build_index(out, tiny, Source(gallery, source.root, source.description), progress=False)
-    return Searcher.open(out, tiny), probes
+    feats, ok, _ = embed_images_local(tiny, [str(it.path) for it in probes])
+    assert len(ok) == len(probes)
+    labels = sorted({it.meta["label"] for it in gallery})
+    searcher = Searcher.open(out, tiny)
+    label_queries = searcher.embed_texts([f"an emoji of {lab}." for lab in labels])
+    return searcher, feats, [it.meta["label"] for it in probes], labels, label_queries
 
 
 def _hit_rate(searcher: Searcher, queries: np.ndarray, labels: list[str], target: str) -> float:
@@ -55,32 +63,26 @@ def _hit_rate(searcher: Searcher, queries: np.ndarray, labels: list[str], target
 
 
 def test_text_to_image(sample):
-    searcher, probes = sample
-    labels = sorted({it.meta["label"] for it in probes})
-    rate = _hit_rate(searcher, searcher.embed_texts([f"an emoji of {lab}." for lab in labels]), labels, "images")
-    assert rate >= 0.5, f"text->image top-{K} hit rate {rate:.2f}"
+    searcher, _, _, labels, label_queries = sample
+    rate = _hit_rate(searcher, label_queries, labels, "images")
+    assert rate >= 0.6, f"text->image top-{K} hit rate {rate:.2f}"
     hits = searcher.search_text("an emoji of red heart.", k=K)
     assert any(h.metadata["label"] == "red heart" for h in hits), [h.metadata["label"] for h in hits]
 
 
 def test_image_to_image_across_styles(sample):
-    searcher, probes = sample
-    feats, ok, _ = embed_images_local(searcher.model, [str(it.path) for it in probes])
-    labels = [it.meta["label"] for it in probes]
-    assert len(ok) == len(probes)
-    rate = _hit_rate(searcher, feats, labels, "images")
-    assert rate >= 0.3, f"image->image top-{K} hit rate {rate:.2f}"
+    searcher, feats, probe_labels, _, _ = sample
+    rate = _hit_rate(searcher, feats, probe_labels, "images")
+    assert rate >= 0.45, f"image->image top-{K} hit rate {rate:.2f}"
 
 
 def test_image_to_text(sample):
-    searcher, probes = sample
-    feats, _, _ = embed_images_local(searcher.model, [str(it.path) for it in probes])
-    rate = _hit_rate(searcher, feats, [it.meta["label"] for it in probes], "captions")
-    assert rate >= 0.3, f"image->text top-{K} hit rate {rate:.2f}"
+    searcher, feats, probe_labels, _, _ = sample
+    rate = _hit_rate(searcher, feats, probe_labels, "captions")
+    assert rate >= 0.35, f"image->text top-{K} hit rate {rate:.2f}"
 
 
 def test_text_to_text(sample):
-    searcher, probes = sample
-    labels = sorted({it.meta["label"] for it in probes})
-    rate = _hit_rate(searcher, searcher.embed_texts([f"an emoji of {lab}." for lab in labels]), labels, "captions")
-    assert rate >= 0.8, f"text->text top-{K} hit rate {rate:.2f}"
+    searcher, _, _, labels, label_queries = sample
+    rate = _hit_rate(searcher, label_queries, labels, "captions")
+    assert rate >= 0.95, f"text->text top-{K} hit rate {rate:.2f}"
