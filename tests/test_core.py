@@ -16,6 +16,7 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
     io.write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 2}
     assert [p.name for p in target.parent.iterdir()] == ["m.json"]
+    assert target.stat().st_mode & 0o044, "outputs are readable by others, as with a plain open()"
 
 
 def test_atomic_write_failure_keeps_old_file(tmp_path):
