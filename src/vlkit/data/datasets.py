@@ -136,7 +136,7 @@ class ImageFolderDataset(_ItemList):
         if empty and not allow_empty:
             raise VlkitError(
                 f"{self.root}: class folders with no images: {', '.join(empty)}; "
-                "add images or remove them (or pass allow_empty=True)"
+                "add images to them or remove them"
             )
 
     def __repr__(self) -> str:
