@@ -128,6 +128,7 @@ def run_fewshot(
     options: dict[str, dict[str, Any]] | None = None,
     provider: TaskFeatures | None = None,
     domain_styles: bool = False,
+    on_fit: Callable[[dict[str, Any], Fitted], None] | None = None,
     log: Log = print,
 ) -> list[dict[str, Any]]:
     """Run (task, method, shots, seed) not yet in `<out>/results.jsonl`; write table and plot.
@@ -136,6 +137,7 @@ def run_fewshot(
     options: per-method settings, e.g. {"tip-adapter": {"beta_steps": 50}, "cocoop": {"epochs": 5}}
         (a method's own "epochs" overrides `epochs`).
     domain_styles: also evaluate per held-out test style and on unused train-style images.
+    on_fit: called with each run's key and fitted method (e.g. to keep a learned prompt).
     """
     methods = check_methods(methods)
     if not tasks or not shots or not seeds:
@@ -167,6 +169,8 @@ def run_fewshot(
                 split = provider.split(task, max(k, 1), seed if seed else seeds[0], styles=domain_styles)
                 inp = _input(vl, split, k, seed, epochs, options.get(method, {}))
                 fitted, seconds = _fit(method, inp)
+                if on_fit is not None:
+                    on_fit(key, fitted)
                 evals = {name: accuracy(fitted.logits(x), y) for name, (x, y) in split.evals.items()}
                 record = {
                     **key,

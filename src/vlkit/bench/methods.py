@@ -56,6 +56,7 @@ class Fitted:
     logits: Logits
     info: dict[str, Any] = field(default_factory=dict)
     transfer: Callable[[list[str]], Logits] | None = None
+    artefacts: dict[str, Any] = field(default_factory=dict)  # in-memory only (e.g. a learned prompt), never in results
 
 
 def _zs_logits(inp: MethodInput, weights: torch.Tensor) -> Logits:
@@ -118,7 +119,7 @@ def _coop(inp: MethodInput, csc: bool) -> Fitted:
         w_new = classifier_weights(inp.model, moved, chunk_size=cfg.class_chunk)
         return lambda x: prompt_logits(inp.model, x, w_new).cpu()
 
-    return Fitted(lambda x: prompt_logits(inp.model, x, w).cpu(), info, None if csc else transfer)
+    return Fitted(lambda x: prompt_logits(inp.model, x, w).cpu(), info, None if csc else transfer, {"learner": res.learner})
 
 
 def coop(inp: MethodInput) -> Fitted:
