@@ -195,3 +195,19 @@ def test_augmented_views_are_seeded_cached_and_flip_optional(tmp_path, tiny_clip
     # same crops, no flips: views that were not flipped are identical
     same = [(i, v) for i in range(3) for v in range(4) if torch.equal(no_flip[i, v], a[i, v])]
     assert 0 < len(same) < 12
+
+
+def test_nearest_words_skip_special_tokens_unless_asked(tiny_dual_model):
+    mask = interpret.special_token_mask(tiny_dual_model)
+    tok = tiny_dual_model.tokenizer
+    specials = [i for i in range(int(tok.vocab_size)) if mask[i]]
+    assert {"[CLS]", "[SEP]", "[MASK]", "[PAD]"} <= {tok.id_to_token(i) for i in specials}
+    assert not mask[tok.tokens("photo")[0]]
+    mask_id = next(i for i in specials if tok.id_to_token(i) == "[MASK]")
+    ctx = tiny_dual_model.token_embedding(torch.tensor([[mask_id, tok.tokens("photo")[0]]]))[0]
+    raw = interpret.nearest_tokens(tiny_dual_model, ctx, k=1, words_only=False)
+    words = interpret.nearest_tokens(tiny_dual_model, ctx, k=1)
+    assert raw[0][0].token == "[MASK]" and not mask[words[0][0].token_id]
+    assert raw[1][0].token == words[1][0].token == "photo"
+    csc = interpret.nearest_tokens(tiny_dual_model, ctx.unsqueeze(0).repeat(3, 1, 1), k=1)
+    assert [[n[0].token for n in rows] for rows in csc] == [[w[0].token for w in words]] * 3
