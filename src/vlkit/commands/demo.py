@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -14,7 +15,7 @@ def register(app: typer.Typer) -> None:
 def demo(
     out: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the run folder."),
     model: str = typer.Option("vlkit-tiny", "--model", help="Model spec (default: the embedded vlkit-tiny)."),
-    epochs: int = typer.Option(20, "--epochs", min=1, help="CoOp epoch budget per run (the paper: 50/100/200 by shots)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="CoOp epochs per run (default: the paper's 50/100/200 by shots)."),
     seed: int = typer.Option(1, "--seed"),
 ) -> None:
     """Zero-shot vs linear probe vs CoOp on the bundled sample: table, plot, learned prompt, nearest words."""
