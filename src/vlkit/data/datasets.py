@@ -167,7 +167,7 @@ class CaptionTableDataset(_ItemList):
             raise VlkitError(f"{self.path}: table does not exist; check the path")
         if not self.path.is_file():
             raise VlkitError(f"{self.path}: is not a file; give a .csv or .jsonl table")
-        rows, columns = _read_table(self.path)
+        rows, columns = read_table(self.path)
         if not rows:
             raise VlkitError(f"{self.path}: table has no rows")
         self.image_col, self.label_col, self.caption_col = image_col, label_col, caption_col
@@ -241,7 +241,7 @@ def _captions(path: Path, line: int, col: str, value: Any) -> list[str]:
     return out
 
 
-def _read_table(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+def read_table(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
     """Rows as (line number, dict) and the column names, from CSV or JSONL."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
@@ -293,7 +293,7 @@ def open_dataset(
         raise VlkitError(f"{p}: data path does not exist; give an image folder or a .csv/.jsonl table")
     if p.is_dir():
         return ImageFolderDataset(p)
-    _, columns = _read_table(p)
+    _, columns = read_table(p)
     pick = lambda given, names: given if given is not None else next((c for c in names if c in columns), None)  # noqa: E731
     image = pick(image_col, IMAGE_COLUMNS)
     if image is None:

@@ -8,13 +8,11 @@ count a hit when *any* true caption is found.
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlkit.data.datasets import find_images
+from vlkit.data.datasets import find_images, read_table
 from vlkit.errors import VlkitError
 
 TABLE_EXTENSIONS = frozenset({".csv", ".jsonl"})
@@ -36,24 +34,6 @@ class Source:
     items: list[SourceItem]
     root: Path
     description: dict[str, Any]
-
-
-def _read_rows(table: Path) -> list[dict[str, Any]]:
-    if table.suffix.lower() == ".csv":
-        with table.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    rows = []
-    for n, line in enumerate(table.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise VlkitError(f"{table}:{n}: not valid JSON ({e.msg}); fix or remove that line") from None
-        if not isinstance(row, dict):
-            raise VlkitError(f"{table}:{n}: expected a JSON object per line")
-        rows.append(row)
-    return rows
 
 
 def _captions(row: dict[str, Any], caption_field: str | None, template: str | None, where: str) -> list[str]:
@@ -94,7 +74,7 @@ def read_source(
         return Source([SourceItem(p.resolve()) for p in paths], src.resolve(), desc)
     if src.suffix.lower() not in TABLE_EXTENSIONS:
         raise VlkitError(f"{src}: not a folder, .csv or .jsonl; pass an image folder or a caption table")
-    rows = _read_rows(src)
+    rows = [row for _, row in read_table(src)[0]]
     if not rows:
         raise VlkitError(f"{src}: the table has no rows")
     if image_field not in rows[0]:
