@@ -29,9 +29,13 @@ bench/zeroshot_throughput.py trained on the tasks' class names, so each name is
 about one token as in CLIP's vocabulary). Random weights: accuracies are low and
 only their equality between the two paths matters here.
 
-Writes bench/out/coop_speed.json and bench/out/coop_speed.md.
+Writes bench/out/<out-name>.json and .md (default out-name: coop_speed).
 
-    .venv/bin/python bench/coop_speed.py                       # as recorded in BENCHMARKS.md
+    # as recorded in BENCHMARKS.md: speed on the ViT-B/16-balanced random CLIP, then
+    # accuracy parity (and speed) on the trained vlkit-tiny over three seeds, plus memory
+    .venv/bin/python bench/coop_speed.py --views 4 --memory-steps 2
+    .venv/bin/python bench/coop_speed.py --model vlkit-tiny --data-dir ~/.cache/vlkit/data --views 4 \
+        --pair-seeds 1 2 3 --memory-steps 2 --out-name coop_speed_vlkit-tiny
     .venv/bin/python bench/coop_speed.py --epochs 5            # quick look (not the 16-shot recipe)
     .venv/bin/python bench/coop_speed.py --memory-only         # only the 1,906-class memory rows
 """
@@ -45,6 +49,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -219,7 +224,10 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model spec; default: a random small CLIP built here")
     ap.add_argument("--task", default="emoji-group")
     ap.add_argument("--data-dir", default="sample")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1, help="the 16-shot draw (and the pair's seed without --pair-seeds)")
+    ap.add_argument("--pair-seeds", type=int, nargs="+", default=None,
+                    help="run one vlkit/reference pair per seed (learner init, batch order, augmentation)")
+    ap.add_argument("--out-name", default="coop_speed", help="output stem under bench/out/")
     ap.add_argument("--epochs", type=int, default=None, help="default: the paper's 200 for 16 shots")
     ap.add_argument("--n-ctx", type=int, default=16)
     ap.add_argument("--views", type=int, default=8)
@@ -231,9 +239,9 @@ def main() -> None:
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--vlkit-only", action="store_true",
-                    help="only the cached path (e.g. to measure the spread over --aug-seed); writes coop_speed_vlkit-<views>v-aug<seed>.json")
+                    help="only the cached path (e.g. to measure the spread over --aug-seed); writes <out-name>_vlkit-<views>v-aug<seed>.json")
     ap.add_argument("--reference-only", action="store_true",
-                    help="only the reference loop; writes coop_speed_reference-aug<seed>.json")
+                    help="only the reference loop; writes <out-name>_reference-aug<seed>.json")
     ap.add_argument("--aug-seed", type=int, default=None, help="augmentation seed of either path (default: --seed)")
     args = ap.parse_args()
 
@@ -255,52 +263,65 @@ def main() -> None:
         train_images = [load_image(p) for p in task.paths("train")]
         test_images = [load_image(p) for p in task.paths("test")]
         config = CoOpConfig(prompt=PromptOptions(n_ctx=args.n_ctx), epochs=args.epochs, seed=args.seed)
-        common = (model, task.classnames, train_images, task.labels("train"), test_images, task.labels("test"), config)
+        common = (model, task.classnames, train_images, task.labels("train"), test_images, task.labels("test"))
         record["config"] = {**config.to_dict(), "views": args.views, "shots": 16,
                             "train_images": len(train_images), "test_images": len(test_images), "classes": task.num_classes}
-        aug_seed = args.seed if args.aug_seed is None else args.aug_seed
-        if args.reference_only:
+        if args.reference_only or args.vlkit_only:
+            aug_seed = args.seed if args.aug_seed is None else args.aug_seed
             record["aug_seed"] = aug_seed
-            record["reference"] = run_reference(*common, seed=aug_seed)
-            print("reference", record["reference"], flush=True)
-            (OUT / f"coop_speed_reference-aug{aug_seed}.json").write_text(json.dumps(record, indent=2) + "\n")
+            name = "reference" if args.reference_only else "vlkit"
+            record[name] = (run_reference(*common, config, seed=aug_seed) if args.reference_only
+                            else run_vlkit(*common, config, views=args.views, seed=aug_seed))
+            print(name, record[name], flush=True)
+            stem = f"reference-aug{aug_seed}" if args.reference_only else f"vlkit-{args.views}v-aug{aug_seed}"
+            (OUT / f"{args.out_name}_{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
             return
-        record["vlkit"] = run_vlkit(*common, views=args.views, seed=aug_seed)
-        record["aug_seed"] = aug_seed
-        print("vlkit", record["vlkit"], flush=True)
-        if args.vlkit_only:
-            (OUT / f"coop_speed_vlkit-{args.views}v-aug{aug_seed}.json").write_text(json.dumps(record, indent=2) + "\n")
-            return
-        record["reference"] = run_reference(*common, seed=aug_seed)
-        print("reference", record["reference"], flush=True)
-        record["speedup_total"] = record["reference"]["total_s"] / record["vlkit"]["total_s"]
-        record["speedup_train"] = record["reference"]["train_s"] / (record["vlkit"]["train_s"] + record["vlkit"]["cache_views_s"])
-        record["accuracy_gap_points"] = 100 * (record["vlkit"]["accuracy"] - record["reference"]["accuracy"])
+        # One pair per seed: the seed fixes the learner init, batch order and augmentation draws
+        # of both paths (the 16-shot draw stays that of --seed).
+        record["pairs"] = []
+        for seed in args.pair_seeds or [args.seed]:
+            cfg = replace(config, seed=seed)
+            pair = {"seed": seed, "vlkit": run_vlkit(*common, cfg, views=args.views, seed=seed)}
+            print(seed, "vlkit", pair["vlkit"], flush=True)
+            pair["reference"] = run_reference(*common, cfg, seed=seed)
+            print(seed, "reference", pair["reference"], flush=True)
+            pair["speedup_total"] = pair["reference"]["total_s"] / pair["vlkit"]["total_s"]
+            pair["speedup_train"] = pair["reference"]["train_s"] / (pair["vlkit"]["train_s"] + pair["vlkit"]["cache_views_s"])
+            pair["accuracy_gap_points"] = 100 * (pair["vlkit"]["accuracy"] - pair["reference"]["accuracy"])
+            record["pairs"].append(pair)
+        n = len(record["pairs"])
+        record["mean_accuracy"] = {k: sum(p[k]["accuracy"] for p in record["pairs"]) / n for k in ("vlkit", "reference")}
+        record["mean_gap_points"] = 100 * (record["mean_accuracy"]["vlkit"] - record["mean_accuracy"]["reference"])
+        record["speedup_total"] = sum(p["reference"]["total_s"] for p in record["pairs"]) / sum(p["vlkit"]["total_s"] for p in record["pairs"])
     if big is not None:
         record["memory"] = memory_rows(args.model, big.classnames, args.class_chunk, args.threads, args.memory_steps)
         print("memory", record["memory"], flush=True)
-    (OUT / "coop_speed.json").write_text(json.dumps(record, indent=2) + "\n")
-    (OUT / "coop_speed.md").write_text(markdown(record))
+    (OUT / f"{args.out_name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (OUT / f"{args.out_name}.md").write_text(markdown(record))
     print(markdown(record))
 
 
 def markdown(r: dict) -> str:
     lines = [f"Model: {r['model']}; task {r['task']}; {r['machine']}.", ""]
-    if "vlkit" in r:
+    if "pairs" in r:
         c = r["config"]
         lines += [
-            f"CoOp 16 shots, M={c['prompt']['n_ctx']} end, unified, {r['vlkit']['epochs']} epochs, batch {c['batch_size']}, "
-            f"{c['classes']} classes, {c['train_images']} train / {c['test_images']} test images, seed {c['seed']}.",
+            f"CoOp 16 shots, M={c['prompt']['n_ctx']} end, unified, {r['pairs'][0]['vlkit']['epochs']} epochs, batch {c['batch_size']}, "
+            f"{c['classes']} classes, {c['train_images']} train / {c['test_images']} test images; vlkit caches {c['views']} views.",
             "",
-            "| path | cache views (s) | train (s) | eval (s) | total (s) | test top-1 |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| seed | path | cache views (s) | train (s) | eval (s) | total (s) | test top-1 |",
+            "|---:|---|---:|---:|---:|---:|---:|",
         ]
-        for name in ("reference", "vlkit"):
-            x = r[name]
-            label = "reference loop (image tower every step)" if name == "reference" else f"vlkit cached features ({c['views']} views)"
-            lines.append(f"| {label} | {x['cache_views_s']:.1f} | {x['train_s']:.1f} | {x['eval_s']:.1f} | {x['total_s']:.1f} | {100 * x['accuracy']:.2f}% |")
-        lines += ["", f"Speed-up, total wall time: **{r['speedup_total']:.1f}x**; training incl. view caching: "
-                      f"{r['speedup_train']:.1f}x; accuracy gap {r['accuracy_gap_points']:+.2f} points.", ""]
+        for p in r["pairs"]:
+            for name in ("reference", "vlkit"):
+                x = p[name]
+                lines.append(f"| {p['seed']} | {name} | {x['cache_views_s']:.1f} | {x['train_s']:.1f} | {x['eval_s']:.1f} | "
+                             f"{x['total_s']:.1f} | {100 * x['accuracy']:.2f}% |")
+        lines += [""] + [f"- seed {p['seed']}: speed-up {p['speedup_total']:.1f}x total ({p['speedup_train']:.1f}x training incl. "
+                         f"view caching), accuracy gap {p['accuracy_gap_points']:+.2f} points" for p in r["pairs"]]
+        m = r["mean_accuracy"]
+        lines += [f"- over all pairs: speed-up **{r['speedup_total']:.1f}x** total wall time; mean top-1 reference "
+                  f"{100 * m['reference']:.2f}%, vlkit {100 * m['vlkit']:.2f}% (gap {r['mean_gap_points']:+.2f} points)", ""]
     if "memory" in r:
         lines += ["| classes | class chunk | peak RSS (MiB) | RSS after model load (MiB) | s / step | prompt length |", "|---:|---:|---:|---:|---:|---:|"]
         for m in r["memory"]:

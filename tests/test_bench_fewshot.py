@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from coop_fakes import FakeVLModel
 from vlkit import zeroshot
 from vlkit.bench.data import FewShotSplit
-from vlkit.bench.fewshot import run_base_to_new, run_domain_generalization, run_fewshot
+from vlkit.bench.fewshot import merge_results, run_base_to_new, run_domain_generalization, run_fewshot
 from vlkit.bench.report import base_to_new_table, collect, fewshot_table
 from vlkit.errors import VlkitError
 
@@ -117,6 +117,57 @@ def test_table_mean_std_and_task_average():
     assert "| m | 40.0 ± 10.0 |" in table  # task b
     assert collect(recs)["Average"]["m"][1] == {1: 20.0, 2: 35.0}
     assert "| m | 27.5 ± 7.5 |" in table and "| zeroshot | 5.0 |" in table
+
+
+def test_named_averages_cover_only_methods_run_on_all_their_tasks():
+    recs = [
+        {"kind": "fewshot", "task": t, "method": m, "shots": 1, "seed": 1, "acc": acc}
+        for t, m, acc in [("a", "m", 10.0), ("b", "m", 30.0), ("c", "m", 50.0), ("a", "n", 60.0), ("b", "n", 80.0)]
+    ]
+    table = collect(recs, averages={"ab": ["a", "b"], "abc": ["a", "b", "c"]})
+    assert table["ab"]["m"][1] == {1: 20.0} and table["ab"]["n"][1] == {1: 70.0}
+    assert table["abc"]["m"][1] == {1: 30.0} and "n" not in table["abc"]  # n never ran on c
+    assert "Average" not in table
+    md = fewshot_table(recs, averages={"ab": ["a", "b"]})
+    assert "### ab" in md and "### Average" not in md
+    with pytest.raises(VlkitError, match="no results for task"):
+        collect(recs, averages={"x": ["a", "zz"]})
+
+
+def _folder(path, fingerprint, rows):
+    path.mkdir()
+    (path / "settings.json").write_text(json.dumps({"model_fingerprint": fingerprint, "epochs": None}))
+    (path / "results.jsonl").write_text("".join(
+        json.dumps({"kind": "fewshot", "task": t, "method": "m", "shots": 1, "seed": s, "acc": a}) + "\n" for t, s, a in rows))
+    return path
+
+
+def test_merge_results_joins_folders_and_refuses_overlaps_and_other_models(tmp_path, capsys):
+    from vlkit.cli import main
+
+    a = _folder(tmp_path / "a", "f1", [("a", 1, 10.0), ("a", 2, 20.0)])
+    b = _folder(tmp_path / "b", "f1", [("b", 1, 30.0), ("b", 2, 40.0)])
+    recs = merge_results([a, b], tmp_path / "out", averages={"Mean": ["a", "b"]})
+    assert len(recs) == 4
+    assert "### Mean" in (tmp_path / "out" / "table.md").read_text()
+    assert (tmp_path / "out" / "fewshot.png").stat().st_size > 0
+    assert set(json.loads((tmp_path / "out" / "sources.json").read_text())) == {str(a), str(b)}
+    with pytest.raises(VlkitError, match="also in"):
+        merge_results([a, a], tmp_path / "out2")
+    with pytest.raises(VlkitError, match="another model"):
+        merge_results([a, _folder(tmp_path / "c", "f2", [("c", 1, 1.0)])], tmp_path / "out3")
+    with pytest.raises(VlkitError, match="not a benchmark results folder"):
+        merge_results([tmp_path / "nothing"], tmp_path / "out4")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "report", "--from", str(a), str(b), "--out", str(tmp_path / "cli"), "--average", "ab=a,b"])
+    assert e.value.code == 0 and "### ab" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "report", "--from", str(a), "--out", str(tmp_path / "cli2"), "--average", "ab"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NAME=TASK,TASK" in err[0]
 
 
 def test_base_to_new_and_domain_tables(tmp_path, model):

@@ -188,15 +188,65 @@ def run_fewshot(
     return results.records
 
 
-def write_reports(out: Path, records: list[dict[str, Any]], *, tasks: list[str] | None = None, methods: list[str] | None = None) -> None:
+def write_reports(
+    out: Path,
+    records: list[dict[str, Any]],
+    *,
+    tasks: list[str] | None = None,
+    methods: list[str] | None = None,
+    averages: dict[str, list[str]] | None = None,
+) -> None:
     """table.md and fewshot.png from the records (every run in the folder by default)."""
     from vlkit.bench.report import fewshot_table, plot_fewshot
 
     few = [r for r in records if r.get("kind") == "fewshot"]
     if not few:
         return
-    io.write_text(out / "table.md", fewshot_table(few, tasks=tasks, methods=methods))
-    plot_fewshot(few, out / "fewshot.png", tasks=tasks, methods=methods)
+    io.write_text(out / "table.md", fewshot_table(few, tasks=tasks, methods=methods, averages=averages))
+    plot_fewshot(few, out / "fewshot.png", tasks=tasks, methods=methods, averages=averages)
+
+
+def merge_results(
+    sources: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    averages: dict[str, list[str]] | None = None,
+    tasks: list[str] | None = None,
+    methods: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """One report over several result folders, e.g. tasks run at different budgets.
+
+    Refuses folders of different models and a run found in two folders; writes
+    results.jsonl, sources.json (each folder's settings, so every budget stays on
+    record), table.md + fewshot.png and, when there are such runs, base_to_new.md.
+    """
+    from vlkit.bench.report import base_to_new_table
+
+    out = Path(out)
+    records: list[dict[str, Any]] = []
+    seen: dict[tuple, Path] = {}
+    settings: dict[str, Any] = {}
+    for src in map(Path, sources):
+        if not (src / "results.jsonl").is_file() or not (src / "settings.json").is_file():
+            raise VlkitError(f"{src}: not a benchmark results folder (needs results.jsonl and settings.json)")
+        settings[str(src)] = json.loads((src / "settings.json").read_text(encoding="utf-8"))
+        prints = {s.get("model_fingerprint") for s in settings.values()}
+        if len(prints) > 1:
+            raise VlkitError(f"{src}: results of another model ({sorted(map(str, prints))}); merge one model's folders at a time")
+        for r in Results(src / "results.jsonl").records:
+            key = (r.get("kind"), r["task"], r["method"], r["shots"], r["seed"])
+            if key in seen:
+                raise VlkitError(f"{src}: run {key[1:]} is also in {seen[key]}; merge folders that hold different runs")
+            seen[key] = src
+            records.append(r)
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_text(out / "results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    io.write_json(out / "sources.json", settings)
+    write_reports(out, records, tasks=tasks, methods=methods, averages=averages)
+    b2n = [r for r in records if r.get("kind") == "base2new"]
+    if b2n:
+        io.write_text(out / "base_to_new.md", base_to_new_table(b2n, tasks=tasks, methods=methods))
+    return records
 
 
 def run_base_to_new(

@@ -2,8 +2,11 @@
 
 Markdown tables give mean +/- std over seeds (population std, as numpy's
 default) per task, then the average over tasks: for each seed the mean over
-the tasks that have that run, then mean +/- std of those means. Zero-shot runs
-(shots = 0) are shown in every shot column, as the flat baseline they are.
+the tasks that have that run, then mean +/- std of those means. A method that
+did not run on every task of an average gets no average there (a mean over fewer
+tasks would not compare); `averages` names averages over chosen task subsets for
+grids whose methods ran on different tasks. Zero-shot runs (shots = 0) are shown
+in every shot column, as the flat baseline they are.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from vlkit.errors import VlkitError
 
 AVERAGE = "Average"
 
@@ -32,28 +37,43 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
-def collect(records: list[dict[str, Any]], metric: str = "acc") -> dict[str, dict[str, dict[int, dict[int, float]]]]:
-    """task -> method -> shots -> seed -> value, with a synthetic 'Average' task over
-    tasks that all have the (method, shots, seed) run."""
+Averages = dict[str, Sequence[str]]
+
+
+def collect(
+    records: list[dict[str, Any]], metric: str = "acc", averages: Averages | None = None
+) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
+    """task -> method -> shots -> seed -> value, plus one synthetic task per average
+    (default: 'Average' over all tasks, when there are several) holding the mean over
+    its tasks of each (method, shots, seed) run that all of them have."""
     table: dict[str, dict[str, dict[int, dict[int, float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for r in records:
         table[r["task"]][r["method"]][r["shots"]][r["seed"]] = float(r[metric] if metric in r else r["evals"][metric])
-    tasks = [t for t in table if t != AVERAGE]
-    if len(tasks) > 1:
-        methods = {m for t in tasks for m in table[t]}
-        for m in methods:
+    if averages is None:
+        averages = {AVERAGE: list(table)} if len(table) > 1 else {}
+    for name, tasks in averages.items():
+        missing = [t for t in tasks if t not in table]
+        if missing or not tasks:
+            raise VlkitError(f"average {name!r}: no results for task(s) {', '.join(missing or tasks) or '(none given)'}")
+        for m in {m for t in tasks for m in table[t]}:
             keys = set.intersection(*[{(k, s) for k, seeds in table[t][m].items() for s in seeds} for t in tasks])
             for k, s in sorted(keys):
-                table[AVERAGE][m][k][s] = float(np.mean([table[t][m][k][s] for t in tasks]))
+                table[name][m][k][s] = float(np.mean([table[t][m][k][s] for t in tasks]))
     return table
 
 
-def fewshot_table(records: list[dict[str, Any]], *, tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None) -> str:
-    """Markdown: one table per task (rows: methods, columns: shots) and the average."""
-    table = collect(records)
+def fewshot_table(
+    records: list[dict[str, Any]],
+    *,
+    tasks: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    averages: Averages | None = None,
+) -> str:
+    """Markdown: one table per task (rows: methods, columns: shots) and the average(s)."""
+    table = collect(records, averages=averages)
     shots = sorted({r["shots"] for r in records if r["shots"] > 0})
     lines = []
-    for task in _order(table, list(tasks or []) + [AVERAGE]):
+    for task in _order(table, list(tasks or []) + list(averages or [AVERAGE])):
         lines += [f"### {task}", "", "| method | " + " | ".join(f"{k} shot{'s' if k > 1 else ''}" for k in shots) + " |"]
         lines.append("|---|" + "---|" * len(shots))
         for m in _order(table[task], methods):
@@ -68,7 +88,12 @@ def fewshot_table(records: list[dict[str, Any]], *, tasks: Sequence[str] | None 
 
 
 def plot_fewshot(
-    records: list[dict[str, Any]], path: str | Path, *, tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None
+    records: list[dict[str, Any]],
+    path: str | Path,
+    *,
+    tasks: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    averages: Averages | None = None,
 ) -> None:
     """Accuracy against shots (log2 axis) per task plus the average, mean with a
     +/- std band over seeds; zero-shot as a star at the left edge (CoOp, Fig. 3)."""
@@ -79,8 +104,8 @@ def plot_fewshot(
 
     from vlkit import io
 
-    table = collect(records)
-    panels = _order(table, list(tasks or []) + [AVERAGE])
+    table = collect(records, averages=averages)
+    panels = _order(table, list(tasks or []) + list(averages or [AVERAGE]))
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)

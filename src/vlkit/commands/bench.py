@@ -1,4 +1,4 @@
-"""`vlkit bench fewshot|base-to-new|domain`: the few-shot benchmark harness.
+"""`vlkit bench fewshot|base-to-new|domain|report`: the few-shot benchmark harness.
 
 List options take several values after one flag (`--shots 1 2 4 8 16`), as the
 CoOp scripts do; typer options take one value per flag, so these commands read
@@ -89,5 +89,33 @@ def register(app: typer.Typer) -> None:
         ns = _parse("domain", ctx.args, False)
         run_domain_generalization(ns.tasks, ns.methods, ns.shots, ns.seeds, ns.out, **_common(ns))
         print((ns.out / "domain.md").read_text(encoding="utf-8"))
+
+    @bench.command("report", context_settings=_CTX)
+    def report(ctx: typer.Context) -> None:
+        """--from DIR.. --out DIR [--average NAME=TASK,TASK ..]: one table and plot over several result folders."""
+        from vlkit.bench.fewshot import merge_results
+
+        p = _Parser(prog="vlkit bench report", add_help=True)
+        p.add_argument("--from", dest="sources", nargs="+", required=True, help="result folders of `vlkit bench ...` runs")
+        p.add_argument("--out", required=True, help="folder for the merged results.jsonl, table.md, fewshot.png")
+        p.add_argument("--average", action="append", default=None, metavar="NAME=TASK,TASK",
+                       help="an average over these tasks (repeatable; default: one over all tasks)")
+        p.add_argument("--tasks", nargs="+", default=None, help="task order in the table")
+        p.add_argument("--methods", nargs="+", default=None, help="method order in the table")
+        ns = p.parse_args(ctx.args)
+        averages = None
+        if ns.average:
+            averages = {}
+            for spec in ns.average:
+                name, sep, tasks = spec.partition("=")
+                if not sep or not name.strip() or not tasks.strip():
+                    raise VlkitError(f"--average {spec!r}: write NAME=TASK,TASK (e.g. 'Average=emoji-group,emoji-skintone')")
+                averages[name.strip()] = [t.strip() for t in tasks.split(",") if t.strip()]
+        out = Path(ns.out)
+        merge_results(ns.sources, out, averages=averages, tasks=ns.tasks, methods=ns.methods)
+        written = [out / n for n in ("table.md", "base_to_new.md") if (out / n).exists()]
+        for path in written:
+            print(path.read_text(encoding="utf-8"))
+        print(f"merged results: {out / 'results.jsonl'}; " + ", ".join(map(str, written)))
 
     app.add_typer(bench, name="bench")
