@@ -188,6 +188,25 @@ def test_base_to_new_and_domain_tables(tmp_path, model):
     assert "| method | source | target:openmoji |" in dg
 
 
+def test_an_eval_set_under_two_names_is_scored_once(tmp_path, model):
+    class OneTestStyle(SyntheticTasks):  # as TaskFeatures when the test split holds one style
+        def split(self, task, shots, seed, styles=False):
+            split = super().split(task, shots, seed, styles)
+            split.evals["target:openmoji"] = split.evals["test"]
+            return split
+
+    sizes = []
+
+    def count(key, fitted):
+        inner = fitted.logits
+        fitted.logits = lambda x: sizes.append(len(x)) or inner(x)
+
+    recs = run_fewshot(["a"], ["linear-probe"], [1], [1], tmp_path, provider=OneTestStyle(model), domain_styles=True,
+                       options={"linear-probe": {"refine_steps": 2}}, on_fit=count, log=lambda s: None)
+    assert recs[0]["evals"]["target:openmoji"] == recs[0]["evals"]["test"]
+    assert sizes == [40, 20]  # test once (40 images), source once (20), never the alias
+
+
 def test_cli_reports_bad_arguments_in_one_line(capsys):
     from vlkit.cli import main
 

@@ -137,7 +137,8 @@ class TaskFeatures:
             for rel, y in task.splits["test"]:
                 by_style.setdefault(style_of.get(rel, "?"), []).append((rel, y))
             for style, rows in sorted(by_style.items()):
-                evals[f"target:{style}"] = self.features(task, rows)
+                # one test style: the same set as 'test' (the same tensors, scored once)
+                evals[f"target:{style}"] = evals["test"] if len(by_style) == 1 else self.features(task, rows)
             used = {rel for rel, _ in fewshot.splits["train"]}
             source = [(rel, y) for rel, y in task.splits["train"] if rel not in used]
             if len(source) > self.source_limit:  # a fixed subsample keeps encoding bounded
