@@ -9,11 +9,16 @@ SAME model, in one process, one after the other:
   held decoded in memory, which favours the reference) but draws a fresh random
   resized crop + flip for each of the 32 images, preprocesses them and runs the
   frozen image tower, then runs the text tower on all class prompts padded to the
-  tokenizer's full context length (77), backward, step. Evaluation re-encodes the
+  tokenizer's full context length (77 for CLIP, 32 for vlkit-tiny), backward, step. Evaluation re-encodes the
   class prompts for every test batch of 100 images, as Dassl's test loop does.
-- vlkit: encodes `--views` augmented views per training image once, then each
-  step samples one cached view per image and runs only the text tower on prompts
-  cut to the longest one; evaluation computes the text classifier once.
+- vlkit: encodes V augmented views per training image once (`--views`, several
+  values = one cached run each), then each step samples one cached view per image
+  and runs only the text tower on prompts cut to the longest one; evaluation
+  computes the text classifier once.
+
+The view count is the trade-off: fewer views cost less image-tower time but give
+the prompt less augmentation diversity over 200 epochs than the reference's fresh
+crop at every step, so compare accuracy per view count, over several seeds.
 
 Both encode the test images once (same cost, timed inside each path).
 
@@ -33,9 +38,10 @@ Writes bench/out/<out-name>.json and .md (default out-name: coop_speed).
 
     # as recorded in BENCHMARKS.md: speed on the ViT-B/16-balanced random CLIP, then
     # accuracy parity (and speed) on the trained vlkit-tiny over three seeds, plus memory
-    .venv/bin/python bench/coop_speed.py --views 4 --memory-steps 2
-    .venv/bin/python bench/coop_speed.py --model vlkit-tiny --data-dir ~/.cache/vlkit/data --views 4 \
-        --pair-seeds 1 2 3 --memory-steps 2 --out-name coop_speed_vlkit-tiny
+    .venv/bin/python bench/coop_speed.py --views 4 16 64 --no-memory
+    .venv/bin/python bench/coop_speed.py --model vlkit-tiny --data-dir ~/.cache/vlkit/data \
+        --memory-data-dir ~/.cache/vlkit/data --views 4 16 64 --pair-seeds 1 2 3 --memory-steps 2 \
+        --out-name coop_speed_vlkit-tiny
     .venv/bin/python bench/coop_speed.py --epochs 5            # quick look (not the 16-shot recipe)
     .venv/bin/python bench/coop_speed.py --memory-only         # only the 1,906-class memory rows
 """
@@ -230,7 +236,7 @@ def main() -> None:
     ap.add_argument("--out-name", default="coop_speed", help="output stem under bench/out/")
     ap.add_argument("--epochs", type=int, default=None, help="default: the paper's 200 for 16 shots")
     ap.add_argument("--n-ctx", type=int, default=16)
-    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--views", type=int, nargs="+", default=[8], help="cached views per image; several = one cached run each")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (same for both paths)")
     ap.add_argument("--memory-task", default="emoji-label")
     ap.add_argument("--memory-data-dir", default=None, help="data dir holding the full emoji-label task")
@@ -271,28 +277,33 @@ def main() -> None:
             record["aug_seed"] = aug_seed
             name = "reference" if args.reference_only else "vlkit"
             record[name] = (run_reference(*common, config, seed=aug_seed) if args.reference_only
-                            else run_vlkit(*common, config, views=args.views, seed=aug_seed))
+                            else run_vlkit(*common, config, views=args.views[0], seed=aug_seed))
             print(name, record[name], flush=True)
-            stem = f"reference-aug{aug_seed}" if args.reference_only else f"vlkit-{args.views}v-aug{aug_seed}"
+            stem = f"reference-aug{aug_seed}" if args.reference_only else f"vlkit-{args.views[0]}v-aug{aug_seed}"
             (OUT / f"{args.out_name}_{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
             return
-        # One pair per seed: the seed fixes the learner init, batch order and augmentation draws
-        # of both paths (the 16-shot draw stays that of --seed).
+        # Per seed: the cached path at each view count, then the reference. The seed fixes the
+        # learner init, batch order and augmentation draws (the 16-shot draw stays --seed's).
         record["pairs"] = []
         for seed in args.pair_seeds or [args.seed]:
             cfg = replace(config, seed=seed)
-            pair = {"seed": seed, "vlkit": run_vlkit(*common, cfg, views=args.views, seed=seed)}
-            print(seed, "vlkit", pair["vlkit"], flush=True)
+            pair: dict = {"seed": seed, "vlkit": {}}
+            for v in args.views:
+                pair["vlkit"][str(v)] = run_vlkit(*common, cfg, views=v, seed=seed)
+                print(seed, f"vlkit {v} views", pair["vlkit"][str(v)], flush=True)
             pair["reference"] = run_reference(*common, cfg, seed=seed)
             print(seed, "reference", pair["reference"], flush=True)
-            pair["speedup_total"] = pair["reference"]["total_s"] / pair["vlkit"]["total_s"]
-            pair["speedup_train"] = pair["reference"]["train_s"] / (pair["vlkit"]["train_s"] + pair["vlkit"]["cache_views_s"])
-            pair["accuracy_gap_points"] = 100 * (pair["vlkit"]["accuracy"] - pair["reference"]["accuracy"])
             record["pairs"].append(pair)
-        n = len(record["pairs"])
-        record["mean_accuracy"] = {k: sum(p[k]["accuracy"] for p in record["pairs"]) / n for k in ("vlkit", "reference")}
-        record["mean_gap_points"] = 100 * (record["mean_accuracy"]["vlkit"] - record["mean_accuracy"]["reference"])
-        record["speedup_total"] = sum(p["reference"]["total_s"] for p in record["pairs"]) / sum(p["vlkit"]["total_s"] for p in record["pairs"])
+        ref = record["pairs"]
+        record["by_views"] = {
+            str(v): {
+                "speedup_total": sum(p["reference"]["total_s"] for p in ref) / sum(p["vlkit"][str(v)]["total_s"] for p in ref),
+                "mean_accuracy": sum(p["vlkit"][str(v)]["accuracy"] for p in ref) / len(ref),
+                "mean_gap_points": 100 * sum(p["vlkit"][str(v)]["accuracy"] - p["reference"]["accuracy"] for p in ref) / len(ref),
+            }
+            for v in args.views
+        }
+        record["reference_mean_accuracy"] = sum(p["reference"]["accuracy"] for p in ref) / len(ref)
     if big is not None:
         record["memory"] = memory_rows(args.model, big.classnames, args.class_chunk, args.threads, args.memory_steps)
         print("memory", record["memory"], flush=True)
@@ -305,23 +316,25 @@ def markdown(r: dict) -> str:
     lines = [f"Model: {r['model']}; task {r['task']}; {r['machine']}.", ""]
     if "pairs" in r:
         c = r["config"]
+        ref = r["pairs"][0]["reference"]
         lines += [
-            f"CoOp 16 shots, M={c['prompt']['n_ctx']} end, unified, {r['pairs'][0]['vlkit']['epochs']} epochs, batch {c['batch_size']}, "
-            f"{c['classes']} classes, {c['train_images']} train / {c['test_images']} test images; vlkit caches {c['views']} views.",
+            f"CoOp 16 shots, M={c['prompt']['n_ctx']} end, unified, {ref['epochs']} epochs, batch {c['batch_size']}, "
+            f"{c['classes']} classes, {c['train_images']} train / {c['test_images']} test images.",
             "",
             "| seed | path | cache views (s) | train (s) | eval (s) | total (s) | test top-1 |",
             "|---:|---|---:|---:|---:|---:|---:|",
         ]
         for p in r["pairs"]:
-            for name in ("reference", "vlkit"):
-                x = p[name]
-                lines.append(f"| {p['seed']} | {name} | {x['cache_views_s']:.1f} | {x['train_s']:.1f} | {x['eval_s']:.1f} | "
+            rows = [("reference loop", p["reference"])] + [(f"vlkit, {v} cached views", x) for v, x in p["vlkit"].items()]
+            for label, x in rows:
+                lines.append(f"| {p['seed']} | {label} | {x['cache_views_s']:.1f} | {x['train_s']:.1f} | {x['eval_s']:.1f} | "
                              f"{x['total_s']:.1f} | {100 * x['accuracy']:.2f}% |")
-        lines += [""] + [f"- seed {p['seed']}: speed-up {p['speedup_total']:.1f}x total ({p['speedup_train']:.1f}x training incl. "
-                         f"view caching), accuracy gap {p['accuracy_gap_points']:+.2f} points" for p in r["pairs"]]
-        m = r["mean_accuracy"]
-        lines += [f"- over all pairs: speed-up **{r['speedup_total']:.1f}x** total wall time; mean top-1 reference "
-                  f"{100 * m['reference']:.2f}%, vlkit {100 * m['vlkit']:.2f}% (gap {r['mean_gap_points']:+.2f} points)", ""]
+        lines += ["", f"Over {len(r['pairs'])} seed(s); reference mean top-1 {100 * r['reference_mean_accuracy']:.2f}%.", "",
+                  "| cached views | speed-up (total wall time) | mean top-1 | mean gap to reference (points) |",
+                  "|---:|---:|---:|---:|"]
+        for v, x in r["by_views"].items():
+            lines.append(f"| {v} | {x['speedup_total']:.1f}x | {100 * x['mean_accuracy']:.2f}% | {x['mean_gap_points']:+.2f} |")
+        lines.append("")
     if "memory" in r:
         lines += ["| classes | class chunk | peak RSS (MiB) | RSS after model load (MiB) | s / step | prompt length |", "|---:|---:|---:|---:|---:|---:|"]
         for m in r["memory"]:
