@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from vlkit import io, runs
+from vlkit.adapt import DEFAULT_VIEWS
 
 DEMO_TASK = "emoji-group"
 DEMO_METHODS = ("zeroshot", "linear-probe", "coop")
@@ -27,7 +28,7 @@ def run_demo(
     shots: Sequence[int] = (1, 4, 16),
     seed: int = 1,
     epochs: int | None = None,
-    views: int = 4,
+    views: int = DEFAULT_VIEWS,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run the demo into a fresh run folder under `out` and return that folder."""

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from vlkit.adapt import DEFAULT_VIEWS
 from vlkit.models.base import VLModel
 
 
@@ -33,7 +34,7 @@ from vlkit.models.base import VLModel
 class AugmentOptions:
     """How training views are drawn. `views` augmented views are cached per image."""
 
-    views: int = 8
+    views: int = DEFAULT_VIEWS
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from vlkit.adapt import DEFAULT_VIEWS
 from vlkit.errors import VlkitError
 from vlkit.models.base import VLModel
 
@@ -47,7 +48,7 @@ class TaskFeatures:
         model: VLModel,
         data_dir: str | os.PathLike | None = None,
         *,
-        views: int = 8,
+        views: int = DEFAULT_VIEWS,
         cache: bool = True,
         progress: bool = False,
         source_limit: int = 2000,

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from vlkit import io, runs
+from vlkit.adapt import DEFAULT_VIEWS
 from vlkit.bench.data import FewShotSplit, TaskFeatures
 from vlkit.bench.methods import METHODS, NO_TRANSFER, TRAINING_FREE, Fitted, MethodInput, check_methods
 from vlkit.errors import VlkitError
@@ -124,7 +125,7 @@ def run_fewshot(
     model: str | VLModel = "vlkit-tiny",
     data_dir: str | os.PathLike | None = None,
     epochs: int | None = None,
-    views: int = 8,
+    views: int = DEFAULT_VIEWS,
     options: dict[str, dict[str, Any]] | None = None,
     provider: TaskFeatures | None = None,
     domain_styles: bool = False,
@@ -264,7 +265,7 @@ def run_base_to_new(
     model: str | VLModel = "vlkit-tiny",
     data_dir: str | os.PathLike | None = None,
     epochs: int | None = None,
-    views: int = 8,
+    views: int = DEFAULT_VIEWS,
     options: dict[str, dict[str, Any]] | None = None,
     provider: TaskFeatures | None = None,
     log: Log = print,

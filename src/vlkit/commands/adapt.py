@@ -15,6 +15,8 @@ from typing import List, Optional
 
 import typer
 
+from vlkit.adapt import DEFAULT_VIEWS
+
 coop_app = typer.Typer(no_args_is_help=True, help="CoOp prompt learning: train a prompt, read it back.")
 
 
@@ -39,7 +41,7 @@ def train(
     lr: float = typer.Option(0.002, "--lr", help="SGD learning rate after the warm-up epoch."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or amp (fp32 master context in every case)."),
-    views: int = typer.Option(8, "--views", min=1, help="Augmented views cached per training image."),
+    views: int = typer.Option(DEFAULT_VIEWS, "--views", min=1, help="Augmented views cached per training image."),
     no_flip: bool = typer.Option(False, "--no-flip", help="No horizontal flips (flags, text, arrows)."),
     class_chunk: Optional[int] = typer.Option(None, "--class-chunk", min=1, help="Classes per text-encoder pass (bounded memory for many classes)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from vlkit.adapt import DEFAULT_VIEWS
 from vlkit.errors import VlkitError
 
 _CTX = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
@@ -38,7 +39,7 @@ def _parser(name: str, shots_many: bool) -> _Parser:
     p.add_argument("--data-dir", default=None, help="data directory ('sample' = the bundled sample)")
     p.add_argument("--out", default=None, help="results folder (default runs/bench-<name>); rerun to resume")
     p.add_argument("--epochs", type=int, default=None, help="one epoch budget for every trained method (default: each paper's)")
-    p.add_argument("--views", type=int, default=8, help="cached augmented views per training image")
+    p.add_argument("--views", type=int, default=DEFAULT_VIEWS, help="cached augmented views per training image")
     p.add_argument("--options", default=None, help='per-method settings as JSON, e.g. \'{"tip-adapter": {"beta_steps": 50}}\'')
     return p
 
