@@ -38,9 +38,9 @@ Writes bench/out/<out-name>.json and .md (default out-name: coop_speed).
 
     # as recorded in BENCHMARKS.md: speed on the ViT-B/16-balanced random CLIP, then
     # accuracy parity (and speed) on the trained vlkit-tiny over three seeds, plus memory
-    .venv/bin/python bench/coop_speed.py --views 4 16 64 --no-memory
+    .venv/bin/python bench/coop_speed.py --views 4 64 --no-memory
     .venv/bin/python bench/coop_speed.py --model vlkit-tiny --data-dir ~/.cache/vlkit/data \
-        --memory-data-dir ~/.cache/vlkit/data --views 4 16 64 --pair-seeds 1 2 3 --memory-steps 2 \
+        --memory-data-dir ~/.cache/vlkit/data --views 4 16 32 64 --pair-seeds 1 2 3 --memory-steps 2 \
         --out-name coop_speed_vlkit-tiny
     .venv/bin/python bench/coop_speed.py --epochs 5            # quick look (not the 16-shot recipe)
     .venv/bin/python bench/coop_speed.py --memory-only         # only the 1,906-class memory rows

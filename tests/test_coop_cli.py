@@ -62,8 +62,10 @@ def test_train_then_predict_then_words(tmp_path, folder, tiny_clip_dir, capsys, 
 def test_prompt_on_another_backbone_is_refused(tmp_path, folder, tiny_clip_dir, tiny_dual_dir, capsys, monkeypatch):
     monkeypatch.setenv("VLKIT_CACHE", str(tmp_path / "cache"))
     code, _ = _run(["coop", "train", "--model", str(tiny_clip_dir), "--data", str(folder), "--epochs", "1",
-                    "--n-ctx", "2", "--views", "1", "--out", str(tmp_path / "runs")], capsys)
+                    "--n-ctx", "2", "--out", str(tmp_path / "runs")], capsys)
     (run,) = list((tmp_path / "runs").iterdir())
+    # no --views: one view per epoch is all a 1-epoch run can use, so it caches one, not DEFAULT_VIEWS
+    assert json.loads((run / "config.json").read_text())["settings"]["views"] == 1
     code, cap = _run(["predict", "--prompt", str(run / "prompt"), "--model", str(tiny_dual_dir),
                       "--images", str(folder)], capsys)
     assert code == 2

@@ -41,7 +41,11 @@ def train(
     lr: float = typer.Option(0.002, "--lr", help="SGD learning rate after the warm-up epoch."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or amp (fp32 master context in every case)."),
-    views: int = typer.Option(DEFAULT_VIEWS, "--views", min=1, help="Augmented views cached per training image."),
+    views: Optional[int] = typer.Option(
+        None, "--views", min=1,
+        help=f"Augmented views cached per training image (default {DEFAULT_VIEWS}, or the epoch count when smaller: "
+        "a run cannot use more than one view per image per epoch).",
+    ),
     no_flip: bool = typer.Option(False, "--no-flip", help="No horizontal flips (flags, text, arrows)."),
     class_chunk: Optional[int] = typer.Option(None, "--class-chunk", min=1, help="Classes per text-encoder pass (bounded memory for many classes)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
@@ -85,8 +89,13 @@ def train(
         test_paths, test_labels = [], []
 
     from vlkit import runs
+    from vlkit.adapt.coop import epochs_for_shots
     from vlkit.adapt.features import AugmentOptions
     from vlkit.models import load_model
+
+    if views is None:
+        per_class = shots if task else max(1, len(train_labels) // len(classnames))
+        views = min(DEFAULT_VIEWS, epochs or epochs_for_shots(per_class))
 
     runs.seed_everything(seed)
     vl = load_model(model, device=device)
