@@ -49,6 +49,14 @@ def epochs_for_shots(shots: int) -> int:
     return 200
 
 
+def run_epochs(epochs: int | None, shots: int | None, n_images: int, n_classes: int) -> int:
+    """The epochs a run trains: `epochs` if given, else the paper's count for `shots`
+    (taken as images per class when not given)."""
+    if epochs is not None:
+        return epochs
+    return epochs_for_shots(shots if shots is not None else max(1, n_images // n_classes))
+
+
 @dataclass(frozen=True)
 class CoOpConfig:
     """Every training setting; defaults are the paper's recipe."""
@@ -235,8 +243,7 @@ def train_coop(
     n_cls = len(classnames)
     if int(labels.min()) < 0 or int(labels.max()) >= n_cls:
         raise VlkitError(f"training labels: must lie in [0, {n_cls}) for {n_cls} class names")
-    shots = shots if shots is not None else max(1, features.shape[0] // n_cls)
-    epochs = config.epochs if config.epochs is not None else epochs_for_shots(shots)
+    epochs = run_epochs(config.epochs, shots, features.shape[0], n_cls)
 
     freeze(model)
     device = model.device

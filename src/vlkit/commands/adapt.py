@@ -89,13 +89,12 @@ def train(
         test_paths, test_labels = [], []
 
     from vlkit import runs
-    from vlkit.adapt.coop import epochs_for_shots
+    from vlkit.adapt.coop import run_epochs
     from vlkit.adapt.features import AugmentOptions
     from vlkit.models import load_model
 
     if views is None:
-        per_class = shots if task else max(1, len(train_labels) // len(classnames))
-        views = min(DEFAULT_VIEWS, epochs or epochs_for_shots(per_class))
+        views = min(DEFAULT_VIEWS, run_epochs(epochs, shots if task else None, len(train_labels), len(classnames)))
 
     runs.seed_everything(seed)
     vl = load_model(model, device=device)
