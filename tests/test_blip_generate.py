@@ -153,6 +153,26 @@ def test_bad_settings_are_one_line(bad, message):
     assert "\n" not in str(err.value)
 
 
+@torch.no_grad()
+def test_caption_images_batches_pil_images(pair, tok):
+    from PIL import Image
+
+    from vlkit.blip.checkpoint import LoadedBlip, blip_preprocess
+    from vlkit.blip.generate import caption_images
+    from vlkit.models.preprocess import PilImagePreprocess
+
+    model, _ = pair
+    loaded = LoadedBlip(model, tok, PilImagePreprocess(blip_preprocess(32)), "tiny", "test")
+    images = [Image.new("RGB", (40 + 7 * i, 30), (40 * i, 255 - 50 * i, 90)) for i in range(5)]
+    stacked = torch.stack([loaded.preprocess(im) for im in images])
+    with sep_bias(5.0, model):
+        assert caption_images(loaded, images, GREEDY, batch_size=2) == caption(model, tok, stacked, GREEDY)
+        sampled = caption_images(loaded, images, NUCLEUS, batch_size=2)
+        assert caption_images(loaded, images, NUCLEUS, batch_size=2) == sampled and len(sampled) == 5
+    with pytest.raises(VlkitError, match="batch size"):
+        caption_images(loaded, images, GREEDY, batch_size=0)
+
+
 def test_retrieval_only_model_cannot_caption(tok, px):
     from blip_tiny import tiny_configs
 
