@@ -68,6 +68,20 @@ def test_captions_equal_transformers_generate(pair, tok, px, bias, settings):
         assert (ours == SEP).any(dim=1).all()  # the stopping path is exercised
 
 
+@torch.no_grad()
+def test_several_captions_per_image_equal_transformers(pair, tok, px):
+    model, cap = pair
+    settings = replace(BEAM, num_return_sequences=2)
+    with sep_bias(5.0, model, cap):
+        ours = generate(model, model.image_embeds(px), tok, settings).sequences
+        theirs = cap.generate(px, num_beams=3, num_return_sequences=2, max_length=20, min_length=5)
+        assert torch.equal(ours, theirs) and ours.shape[0] == 8
+        texts = caption(model, tok, px, replace(NUCLEUS, num_return_sequences=3))
+    assert len(texts) == 12
+    with pytest.raises(VlkitError, match="at most num_beams"):
+        replace(BEAM, num_return_sequences=4).validate()
+
+
 def _teacher_forced_logprob(model: BlipModel, embeds: torch.Tensor, seq: list[int], start: int) -> float:
     """Sum of log p(token) for seq[start:] given everything before it (one decoder pass)."""
     ids = torch.tensor([seq])
