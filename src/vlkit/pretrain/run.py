@@ -41,6 +41,8 @@ def _evaluate(trainer, tasks: list[str], split: str) -> list[dict[str, Any]]:
     from vlkit.pretrain.evaluate import zeroshot_task
 
     cfg = trainer.cfg
+    if cfg.model.kind == "blip":
+        return [trainer.evaluate(name, split) for name in tasks]
     out = []
     for name in tasks:
         task = load_task(name, data_dir=trainer.data_dir)
@@ -61,7 +63,10 @@ def pretrain(
     export: bool = True,
 ) -> dict[str, Any]:
     """Train per `cfg`; returns the metrics written to `<run_dir>/metrics.json` (rank 0)."""
-    from vlkit.pretrain.trainer import Trainer
+    if cfg.model.kind == "blip":
+        from vlkit.pretrain.blip_trainer import BlipTrainer as Trainer
+    else:
+        from vlkit.pretrain.trainer import Trainer
 
     info = init_distributed()
     wall0 = time.perf_counter()
@@ -103,7 +108,9 @@ def pretrain(
             summary = trainer.fit(on_log=on_log, on_epoch_end=on_epoch_end)
         metrics: dict[str, Any] = {"train": summary, "evals": evals}
         if info.is_main:
-            if export and cfg.model.text_tower.pretrained:
+            if export and cfg.model.kind == "blip":
+                trainer.export(path / "model")
+            elif export and cfg.model.text_tower.pretrained:
                 from vlkit.pretrain.export import export_vlkit
 
                 export_vlkit(trainer.model, cfg.model, path / "model")
@@ -143,7 +150,8 @@ class _Progress:
 
     def update(self, rec: dict[str, Any]) -> None:
         if self.enabled:
-            stats = f"loss {rec['loss']:.3f} T {1 / rec['logit_scale']:.4f} {rec['pairs_per_s']:.0f} pairs/s"
+            temp = rec["temp"] if "temp" in rec else 1 / rec["logit_scale"]
+            stats = f"loss {rec['loss']:.3f} T {temp:.4f} {rec['pairs_per_s']:.0f} pairs/s"
             self.p.update(self.task, completed=rec["step"], stats=stats)
 
     def note(self, text: str) -> None:
