@@ -214,6 +214,9 @@ def test_locked_tower_tokens_are_computed_once_cached_and_used(tmp_path, monkeyp
     assert trainer.fit()["global_step"] == 3
     for k, v in fresh.vision_model.state_dict().items():  # the locked tower never moved
         assert torch.equal(trainer.model.vision_model.state_dict()[k], v), k
+    other = config_from_dict({**tiny_config(meta, tmp_path / "runs", lock_image=True, max_steps=3), "seed": 4})
+    BlipTrainer(other, tmp_path / "other-tower", DistInfo())  # another random tower: its own cache entry
+    assert len(list((tmp_path / "cache" / "blip-image-tokens").glob("*.safetensors"))) == 2
 
 
 # ---------------------------------------------------------------- run folder: export and evaluation

@@ -1,4 +1,4 @@
-"""`vlkit pretrain --config FILE`: CLIP-objective pretraining (alone or under torchrun)."""
+"""`vlkit pretrain --config FILE`: CLIP or BLIP (ITC + ITM + LM) pretraining, alone or under torchrun."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         export_to: Optional[Path] = typer.Option(None, "--export-to", help="Also copy the trained model folder here."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
-        """Pretrain a dual encoder with the CLIP loss; multi-process with `torchrun --nproc_per_node N -m vlkit.cli pretrain ...`."""
+        """Pretrain a dual encoder with the CLIP loss, or BLIP with ITC + ITM + LM (model.kind "blip", configs/blip-*.json); multi-process with `torchrun --nproc_per_node N -m vlkit.cli pretrain ...`."""
         import shutil
 
         from vlkit.errors import VlkitError
