@@ -207,9 +207,12 @@ def test_momentum_encoder_starts_equal_and_follows_the_ema():
         assert torch.equal(pre.momentum.image_feat(pixel_values=x["pixel_values"]),
                            model.image_feat(model.image_embeds(x["pixel_values"])))
     expected = [[p_m.detach().double().clone() for p_m in shadow.parameters()] for _, _, shadow in pairs]
+    exact = [[p_m.detach().clone() for p_m in shadow.parameters()] for _, _, shadow in pairs]  # BLIP's float32 formula
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for step in range(3):
         online_now = [[p.detach().double().clone() for p in online.parameters()] for _, online, _ in pairs]
+        exact = [[m * 0.9 + p.detach() * (1.0 - 0.9) for m, p in zip(ms, online.parameters())]
+                 for ms, (_, online, _) in zip(exact, pairs)]
         ptr = int(pre.queue_ptr)
         out = pre(alpha=0.4, generator=torch.Generator().manual_seed(step), **x)
         expected = [[m * 0.9 + p * 0.1 for m, p in zip(ms, ps)] for ms, ps in zip(expected, online_now)]
@@ -220,9 +223,9 @@ def test_momentum_encoder_starts_equal_and_follows_the_ema():
         out["loss"].backward()
         opt.step()
     moved = 0.0
-    for (_, online, shadow), want in zip(pairs, expected):
-        for p, p_m, w in zip(online.parameters(), shadow.parameters(), want):
-            assert torch.allclose(p_m.double(), w, atol=1e-6)
+    for (_, online, shadow), want, bitwise in zip(pairs, expected, exact):
+        for p, p_m, w, b in zip(online.parameters(), shadow.parameters(), want, bitwise):
+            assert torch.equal(p_m, b) and torch.allclose(p_m.double(), w, atol=1e-6)
             moved = max(moved, float((p_m - p).abs().max()))
     assert moved > 1e-2  # the online weights moved away, so the EMA was really exercised
 
