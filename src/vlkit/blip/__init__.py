@@ -1,0 +1,1 @@
+"""BLIP (Li et al. 2022): one model for image-text matching (ITC, ITM) and captioning (LM), on transformers' BLIP classes."""
