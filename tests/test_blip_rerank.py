@@ -1,0 +1,129 @@
+"""ITM re-ranking: BLIP's score (ITM logit[:, 1] + ITC cosine on the ITC top k) on a tiny random BlipModel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blip_tiny import pixels, tiny_configs
+from vlkit.blip.model import BlipModel
+from vlkit.blip.rerank import (
+    check_rerank,
+    itm_match_logits,
+    rerank_image_to_text,
+    rerank_scores,
+    rerank_text_to_image,
+)
+from vlkit.blip.tokenizer import BlipTokenizer
+from vlkit.errors import VlkitError
+
+TEXTS = ["a dog on the beach", "two cats", "a red heart", "a big yellow sun in the sky", "flag", "a car"]
+
+
+def full_itm(blip, texts, embeds) -> torch.Tensor:
+    """[T, I] match logit of every pair, one pair at a time (the reference the re-ranker must agree with)."""
+    out = torch.empty(texts.input_ids.shape[0], embeds.shape[0])
+    with torch.no_grad():
+        for t in range(out.shape[0]):
+            for i in range(out.shape[1]):
+                out[t, i] = blip.itm_logits(embeds[i : i + 1], texts.input_ids[t : t + 1], texts.attention_mask[t : t + 1])[0, 1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny random BlipModel whose ITM logits differ between images by about as much as its ITC cosines do."""
+    torch.manual_seed(0)
+    vision, text = tiny_configs()
+    blip = BlipModel.from_config(vision, text, embed_dim=16).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # noise everywhere (no identity LayerNorm, no zero bias) and a spread-out ITM head
+        for p in blip.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        blip.itm_head.weight.normal_(0, 1.0, generator=gen)
+    texts = BlipTokenizer.from_minilm()(TEXTS)
+    with torch.no_grad():
+        embeds = blip.image_embeds(pixels(5, seed=3))
+        itc = blip.text_feat(texts.input_ids, texts.attention_mask) @ blip.image_feat(embeds).T  # [T, I]
+    return blip, texts, embeds, itc, full_itm(blip, texts, embeds)
+
+
+def expected_order(itc_row: torch.Tensor, itm_row: torch.Tensor, k: int) -> list[int]:
+    """BLIP's ranking: the ITC top k sorted by itm + cos, then the others in ITC order."""
+    top = sorted(range(len(itc_row)), key=lambda j: -float(itc_row[j]))[:k]
+    rest = [j for j in sorted(range(len(itc_row)), key=lambda j: -float(itc_row[j])) if j not in top]
+    return sorted(top, key=lambda j: -float(itm_row[j] + itc_row[j])) + rest
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_text_to_image_follows_blips_formula(setup, k):
+    blip, texts, embeds, itc, itm = setup
+    scores = rerank_text_to_image(blip, itc, embeds, texts, k=k, batch_size=2)
+    for t in range(itc.shape[0]):
+        order = torch.argsort(scores[t], descending=True, stable=True).tolist()
+        assert order == expected_order(itc[t], itm[t], k)
+        top = torch.sort(itc[t], descending=True, stable=True).indices[:k]
+        torch.testing.assert_close(scores[t, top], itm[t, top] + itc[t, top], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k", [2, 6])
+def test_image_to_text_follows_blips_formula(setup, k):
+    blip, texts, embeds, itc, itm = setup
+    itm = itm.T  # [I, T]
+    scores = rerank_image_to_text(blip, itc.T.contiguous(), embeds, texts, k=k, batch_size=4)
+    for i in range(itc.shape[1]):
+        order = torch.argsort(scores[i], descending=True, stable=True).tolist()
+        assert order == expected_order(itc[:, i], itm[i], k)
+        top = torch.sort(itc[:, i], descending=True, stable=True).indices[:k]
+        torch.testing.assert_close(scores[i, top], itm[i, top] + itc[top, i], atol=1e-5, rtol=0)
+
+
+def test_rerank_changes_the_itc_order(setup):
+    """The tiny model's ITM head disagrees with its ITC order: the formula tests above are not vacuous."""
+    blip, texts, embeds, itc, _ = setup
+    scores = rerank_text_to_image(blip, itc, embeds, texts, k=5)
+    assert all(
+        torch.argsort(scores[t], descending=True).tolist() != torch.argsort(itc[t], descending=True).tolist() for t in range(itc.shape[0])
+    )
+
+
+def test_itm_logits_batched_equal_one_by_one(setup):
+    blip, texts, embeds, _, itm = setup
+    ids, mask = texts.input_ids[:5], texts.attention_mask[:5]
+    torch.testing.assert_close(itm_match_logits(blip, embeds, ids, mask, batch_size=2), itm.diagonal(), atol=1e-5, rtol=0)
+
+
+def test_perfect_itm_recovers_the_right_ranking():
+    # 4 queries x 8 candidates; query q's true candidate is q, placed at ITC rank 1..4 (inside k=5)
+    # or rank 7 (outside it). A perfect ITM head (large logit for the true pair only) lifts a true
+    # candidate inside the top k to rank 1 and cannot reach one outside it.
+    gen = torch.Generator().manual_seed(0)
+    itc = torch.rand(4, 8, generator=gen) * 0.5
+    for q, itc_rank in enumerate([1, 3, 5, 7]):
+        others = sorted((j for j in range(8) if j != q), key=lambda j: -float(itc[q, j]))
+        itc[q, q] = (itc[q, others[itc_rank - 2]] + itc[q, others[itc_rank - 1]]) / 2 if 1 < itc_rank < 8 else 0.9
+    ranks = lambda s: [int((s[q] > s[q, q]).sum()) + 1 for q in range(4)]  # noqa: E731
+    assert ranks(itc) == [1, 3, 5, 7]
+
+    def perfect(q: int, cands: torch.Tensor) -> torch.Tensor:
+        return torch.where(cands == q, 10.0, -10.0)
+
+    assert ranks(rerank_scores(itc, 5, perfect)) == [1, 1, 1, 7]
+    assert ranks(rerank_scores(itc, 8, perfect)) == [1, 1, 1, 1]
+
+
+def test_outside_top_k_keeps_itc_order_below_every_rescored():
+    itc = torch.tensor([[0.9, 0.1, 0.5, 0.3, 0.7]])
+    scores = rerank_scores(itc, 2, lambda q, c: torch.tensor([-50.0, -60.0]))
+    assert torch.argsort(scores[0], descending=True).tolist() == [0, 4, 2, 3, 1]
+    assert scores[0, [2, 3, 1]].max() < scores[0, [0, 4]].min()
+    assert scores[0, 0] == pytest.approx(0.9 - 50.0) and scores[0, 4] == pytest.approx(0.7 - 60.0)
+
+
+def test_check_rerank():
+    check_rerank("itm", 128)
+    check_rerank("none", 1)
+    with pytest.raises(VlkitError, match="--rerank itc: unknown"):
+        check_rerank("itc", 10)
+    with pytest.raises(VlkitError, match="--rerank-k 0"):
+        check_rerank("itm", 0)
