@@ -1,0 +1,142 @@
+"""Captioning image files with BLIP: inputs, decoding, batches, captions.jsonl.
+
+This is the layer over the model's generation (`vlkit.blip.generate`) that a
+command needs: the inputs may be image files, folders (searched recursively) and
+CSV/JSONL tables with an image column (paths relative to the table); every file
+is decoded through vlkit's one image-opening path, a few threads ahead of the
+model; a file that cannot be read is skipped and listed with its reason; the
+captions are written to captions.jsonl atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import torch
+
+from vlkit.data.images import DEFAULT_MAX_PIXELS
+from vlkit.errors import VlkitError
+
+if TYPE_CHECKING:
+    from vlkit.models.base import ImagePreprocess
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def resolve_images(inputs: Sequence[str | os.PathLike], image_column: str | None = None) -> list[str]:
+    """The image paths named by `inputs`, in order, each once.
+
+    A folder gives every image file under it (sorted); a .csv/.tsv/.jsonl table the
+    paths in its image column (`image_column`, else the first of image, path, file, ...),
+    relative ones resolved against the table's folder; any other file is taken as an
+    image (decoded later; an unreadable one is skipped and listed then). A path that
+    does not exist is an error, raised before anything is loaded.
+    """
+    from vlkit.data.datasets import IMAGE_COLUMNS, find_images, read_table
+
+    if not inputs:
+        raise VlkitError("no images given; pass image files, folders or a .csv/.jsonl table")
+    out: dict[str, None] = {}
+    for given in inputs:
+        p = Path(given).expanduser()
+        if not p.exists() and not p.is_symlink():
+            raise VlkitError(f"{p}: does not exist; pass image files, folders or a .csv/.jsonl table")
+        if p.is_dir():
+            found = find_images(p)
+            if not found:
+                raise VlkitError(f"{p}: no image files found (searched recursively); check the folder")
+            out.update(dict.fromkeys(os.path.normpath(os.path.abspath(f)) for f in found))
+        elif p.suffix.lower() in TABLE_SUFFIXES:
+            rows, columns = read_table(p)
+            if not rows:
+                raise VlkitError(f"{p}: the table has no rows")
+            col = image_column if image_column is not None else next((c for c in IMAGE_COLUMNS if c in columns), None)
+            if col is None or col not in columns:
+                what = f"no column {image_column!r} (--image-column)" if image_column else f"no image column (tried {', '.join(IMAGE_COLUMNS)})"
+                raise VlkitError(f"{p}: {what}; columns present: {', '.join(columns)}")
+            base = p.resolve().parent
+            for line, row in rows:
+                value = row.get(col)
+                if value is None or not str(value).strip():
+                    raise VlkitError(f"{p}:{line}: empty {col!r}; every row needs an image path")
+                q = Path(str(value).strip()).expanduser()
+                out[os.path.normpath(str(q if q.is_absolute() else base / q))] = None
+        else:
+            out[os.path.normpath(os.path.abspath(p))] = None
+    return list(out)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@dataclass
+class PixelBatch:
+    """Positions (in the input list) of the decoded images and their pixels [B, 3, H, W]."""
+
+    index: list[int]
+    pixels: torch.Tensor
+
+
+class _Preprocessing:
+    """What `vlkit.features`' loader needs of a model: its `preprocess`."""
+
+    def __init__(self, preprocess: "ImagePreprocess") -> None:
+        self.preprocess = preprocess
+
+
+def pixel_batches(
+    paths: Sequence[str | os.PathLike],
+    preprocess: "ImagePreprocess",
+    batch_size: int,
+    skipped: list[tuple[str, str]],
+    *,
+    num_workers: int = 2,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[PixelBatch]:
+    """Batches of decoded, preprocessed images in input order; unusable files are appended to `skipped` as (path, reason)."""
+    from vlkit.features import _loader, _ordered
+
+    names = [os.fspath(p) for p in paths]
+    load = _loader(_Preprocessing(preprocess), max_pixels)  # type: ignore[arg-type]
+    pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="vlkit-blip-decode") if num_workers > 0 and names else None
+    try:
+        index: list[int] = []
+        xs: list[torch.Tensor] = []
+        for i, (x, reason) in _ordered(load, names, list(range(len(names))), pool, window=2 * batch_size + 2 * max(num_workers, 1)):
+            if x is None:
+                skipped.append((names[i], str(reason)))
+                continue
+            index.append(i)
+            xs.append(x)
+            if len(xs) == batch_size:
+                yield PixelBatch(index, torch.stack(xs))
+                index, xs = [], []
+        if xs:
+            yield PixelBatch(index, torch.stack(xs))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, total: int, what: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr counting images (or nothing); yields `advance(k)`."""
+    if not enabled or total == 0:
+        yield lambda k: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True)
+    ) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda k: bar.advance(task, k)
