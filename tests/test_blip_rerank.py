@@ -127,3 +127,68 @@ def test_check_rerank():
         check_rerank("itc", 10)
     with pytest.raises(VlkitError, match="--rerank-k 0"):
         check_rerank("itm", 0)
+
+
+# ---------------------------------------------------------------- eval retrieval --rerank itm
+
+
+def test_evaluate_retrieval_rerank_matches_a_direct_computation(setup, tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from blip_tiny import IMAGE_SIZE
+    from vlkit.blip.match import blip_texts
+    from vlkit.blip.rerank import evaluate_retrieval_rerank
+    from vlkit.models.preprocess import PilImagePreprocess, PreprocessConfig
+    from vlkit.retrieval.collection import read_source
+    from vlkit.retrieval.metrics import ranks_from_scores
+
+    blip = setup[0]
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "grey": (120, 120, 120)}
+    rows = []
+    for i, (name, rgb) in enumerate(colours.items()):
+        im = Image.new("RGB", (36, 36), rgb)
+        im.paste((255, 255, 255), (6 * i, 2, 6 * i + 9, 30))
+        im.save(tmp_path / f"{name}.png")
+        rows += [{"image": f"{name}.png", "caption": f"a {name} square"}, {"image": f"{name}.png", "caption": "a square"}]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    rows.append({"image": "bad.png", "caption": "a broken one"})
+    table = tmp_path / "t.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preprocess = PilImagePreprocess(PreprocessConfig(resize="exact", size=(IMAGE_SIZE, IMAGE_SIZE), crop_size=None, mean=(0.5,) * 3, std=(0.5,) * 3))
+    loaded = SimpleNamespace(model=blip, tokenizer=BlipTokenizer.from_minilm(), preprocess=preprocess)
+
+    k = 2
+    res = evaluate_retrieval_rerank(loaded, read_source(table), k=k, batch_size=3)
+    assert (res.images, res.texts, res.k) == (4, 5, 2) and res.skipped[0][0].endswith("bad.png")
+
+    # the same thing by hand: every ITM logit, BLIP's score on the ITC top k, others below in ITC order
+    texts = ["a red square", "a square", "a green square", "a blue square", "a grey square"]
+    tok = blip_texts(loaded.tokenizer, texts)
+    with torch.no_grad():
+        embeds = blip.image_embeds(torch.stack([preprocess(Image.open(tmp_path / f"{c}.png").convert("RGB")) for c in colours]))
+        itc = blip.text_feat(tok.input_ids, tok.attention_mask) @ blip.image_feat(embeds).T
+    itm = full_itm(blip, tok, embeds)
+    rel_t2i = [[0], [0, 1, 2, 3], [1], [2], [3]]
+    rel_i2t = [[0, 1], [1, 2], [1, 3], [1, 4]]
+
+    def ranks(scores_itc, scores_itm, relevant):
+        out = []
+        for q, rel in enumerate(relevant):
+            order = expected_order(scores_itc[q], scores_itm[q], k)
+            out.append(1 + min(order.index(r) for r in rel))
+        return out
+
+    def recall(r, n):
+        return 100.0 * sum(x <= n for x in r) / len(r)
+
+    t2i, i2t = ranks(itc, itm, rel_t2i), ranks(itc.T, itm.T, rel_i2t)
+    for n in (1, 5, 10):
+        assert res.itm["text_to_image"][f"R@{n}"] == pytest.approx(recall(t2i, n))
+        assert res.itm["image_to_text"][f"R@{n}"] == pytest.approx(recall(i2t, n))
+    assert res.itm["text_to_image"]["mean_rank"] == pytest.approx(sum(t2i) / len(t2i))
+    assert res.itc["text_to_image"]["mean_rank"] == pytest.approx(ranks_from_scores(itc.numpy(), rel_t2i).mean())
+    d = res.to_dict()
+    assert d["text_to_image"] == d["itc_itm"]["text_to_image"] and d["rerank"]["k"] == 2
