@@ -19,16 +19,17 @@ import torch
 IMAGE_SIZE = 32
 
 
-def tiny_configs(max_positions: int = 64):
+def tiny_configs(max_positions: int = 64, width: int = 32, heads: int = 2):
+    """Vision and text configs; `width=64, heads=1` gives BLIP's 64-wide heads (what a .pth's shapes imply)."""
     from transformers import BlipTextConfig, BlipVisionConfig
 
     vision = BlipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=heads,
         image_size=IMAGE_SIZE, patch_size=16, layer_norm_eps=1e-6, initializer_range=0.02,
     )
     text = BlipTextConfig(
-        vocab_size=30524, hidden_size=32, encoder_hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=max_positions,
+        vocab_size=30524, hidden_size=width, encoder_hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=heads, max_position_embeddings=max_positions,
     )
     return vision, text
 
@@ -40,7 +41,7 @@ def _noise(module: torch.nn.Module, generator: torch.Generator, scale: float = 0
 
 
 @torch.no_grad()
-def tiny_hf_blip(seed: int = 0, embed_dim: int = 16):
+def tiny_hf_blip(seed: int = 0, embed_dim: int = 16, noise: float = 0.05):
     """(retrieval, captioning): random halves of one tiny BLIP model, in eval mode."""
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
@@ -49,9 +50,9 @@ def tiny_hf_blip(seed: int = 0, embed_dim: int = 16):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     ret = BlipForImageTextRetrieval(config).eval()
-    _noise(ret, gen)
+    _noise(ret, gen, noise)
     cap = BlipForConditionalGeneration(config).eval()
-    _noise(cap, gen)
+    _noise(cap, gen, noise)
     cap.vision_model.load_state_dict(ret.vision_model.state_dict())
     dec = cap.text_decoder.bert.state_dict()
     for name, value in ret.text_encoder.state_dict().items():
@@ -60,6 +61,29 @@ def tiny_hf_blip(seed: int = 0, embed_dim: int = 16):
     cap.text_decoder.bert.load_state_dict(dec)
     cap.text_decoder.cls.predictions.bias.add_(torch.randn(text.vocab_size, generator=gen))
     return ret, cap
+
+
+def vlkit_from_hf(ret, cap):
+    """The two halves' weights loaded into one vlkit BlipModel (the decoder's tied names come from the encoder)."""
+    from vlkit.blip.model import BlipModel
+
+    model = BlipModel(ret.config.vision_config, ret.config.text_config, ret.config.image_text_hidden_size)
+    missing, unexpected = model.load_state_dict({**cap.state_dict(), **ret.state_dict()}, strict=False)
+    assert missing == ["temp"] and unexpected == []
+    return model.eval()
+
+
+def tiny_blip_model(seed: int = 0, width: int = 32, heads: int = 2, embed_dim: int = 16):
+    """A vlkit BlipModel with BLIP's random init, its biases and LayerNorms perturbed (no identities)."""
+    from vlkit.blip.model import BlipModel
+
+    vision, text = tiny_configs(width=width, heads=heads)
+    torch.manual_seed(seed)
+    model = BlipModel.from_config(vision, text, embed_dim)
+    _noise(model, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model.temp.fill_(0.0625)  # a learned-looking temperature, not the init value
+    return model.eval()
 
 
 def save_tiny_hf_blip(folder: Path, seed: int = 0, image_mean=None, image_std=None) -> tuple[Path, Path]:

@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from blip_tiny import pixels, tiny_configs, tiny_hf_blip
+from blip_tiny import pixels, tiny_configs, tiny_hf_blip, vlkit_from_hf
 from vlkit.blip.model import BlipModel
 from vlkit.blip.tokenizer import BlipTokenizer, pre_caption
 from vlkit.errors import VlkitError
@@ -31,15 +31,6 @@ def tok() -> BlipTokenizer:
 @pytest.fixture(scope="module")
 def hf_pair():
     return tiny_hf_blip(seed=0)
-
-
-def vlkit_from_hf(ret, cap) -> BlipModel:
-    """The two halves' weights loaded into one BlipModel (the decoder's tied names come from the encoder)."""
-    model = BlipModel(ret.config.vision_config, ret.config.text_config, ret.config.image_text_hidden_size)
-    state = {**cap.state_dict(), **ret.state_dict()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert missing == ["temp"] and unexpected == []
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ TEMP_INIT = 0.07
 TEMP_RANGE = (0.001, 0.5)  # BLIP clamps the temperature to this range before every step
 LABEL_SMOOTHING = 0.1
 # Names (relative to a BlipTextModel) of the self-attention parameters: the only ones encoder and decoder do not share.
-_SELF_ATTENTION = re.compile(r"^encoder\.layer\.\d+\.attention\.")
+SELF_ATTENTION = re.compile(r"^encoder\.layer\.\d+\.attention\.")
 
 
 def _as_config(config: Any, cls: type) -> Any:
@@ -209,7 +209,7 @@ class BlipModel(nn.Module):
             if self.text_encoder is not None:
                 dec_names = dict(dec.bert.named_parameters(remove_duplicate=False))
                 for name, param in self.text_encoder.named_parameters(remove_duplicate=False):
-                    if _SELF_ATTENTION.match(name):
+                    if SELF_ATTENTION.match(name):
                         continue
                     if name not in dec_names or dec_names[name].shape != param.shape:
                         raise ValueError(f"text decoder has no parameter {name} of shape {tuple(param.shape)} to tie")
@@ -272,16 +272,30 @@ class BlipModel(nn.Module):
         """[B, 3, H, W] -> [B, 1+N, Dv]: the ViT's last hidden state after post_layernorm (as transformers)."""
         return self.vision_model(pixel_values=pixel_values).last_hidden_state
 
-    def image_feat(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """[B, 1+N, Dv] -> [B, E]: L2-normalised vision_proj of the [CLS] image token."""
+    def image_feat(self, image_embeds: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[B, 1+N, Dv] -> [B, E]: L2-normalised vision_proj of the [CLS] image token (raw with normalize=False)."""
         self._need_encoder("image features")
-        return F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+        feat = self.vision_proj(image_embeds[:, 0, :])
+        return F.normalize(feat, dim=-1) if normalize else feat
 
-    def text_feat(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, L] ids starting with [CLS] -> [B, E]: L2-normalised text_proj of the unimodal encoder's [CLS]."""
+    def text_feat(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        normalize: bool = True,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[B, L] ids starting with [CLS] -> [B, E]: L2-normalised text_proj of the unimodal encoder's [CLS].
+
+        `inputs_embeds` ([B, L, W] word embeddings, no positions) replaces the ids for prompt learning.
+        """
         encoder = self._need_encoder("text features")
-        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(self.text_proj(hidden[:, 0, :]), dim=-1)
+        if inputs_embeds is not None:
+            # transformers adds the positions in place; keep the caller's tensor intact
+            inputs_embeds = inputs_embeds.clone()
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds).last_hidden_state
+        feat = self.text_proj(hidden[:, 0, :])
+        return F.normalize(feat, dim=-1) if normalize else feat
 
     def itm_logits(
         self,

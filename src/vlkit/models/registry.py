@@ -6,8 +6,9 @@ registration order:
 - embedded names (`vlkit-tiny`): vlkit's own models under `vlkit/weights/<name>/`;
 - `open_clip:ARCH[:PRETRAINED_OR_FILE]`: the open_clip extra;
 - a local folder: dispatched on what its `config.json` says it holds
-  (`FOLDER_KINDS`: model_type `clip`, `vision-text-dual-encoder`, or vlkit's
-  `vlkit-dual-encoder` format);
+  (`FOLDER_KINDS`: model_type `clip`, `vision-text-dual-encoder`, `blip`, or vlkit's
+  `vlkit-dual-encoder` / `vlkit-blip` formats); a local file by its suffix
+  (`FILE_KINDS`: `.pth`, original BLIP checkpoints);
 - `owner/name`: a Hugging Face id, found in the local Hugging Face cache only
   (never downloaded: vlkit runs offline).
 
@@ -44,6 +45,8 @@ class Resolver:
 _RESOLVERS: list[Resolver] = []
 # config.json "model_type" (or vlkit's "format") -> loader(folder, spec)
 FOLDER_KINDS: dict[str, Callable[[Path, str], VLModel]] = {}
+# file suffix (".pth") -> loader(path, spec), for single-file checkpoints
+FILE_KINDS: dict[str, Callable[[Path, str], VLModel]] = {}
 # embedded model name -> folder
 EMBEDDED: dict[str, Path] = {"vlkit-tiny": WEIGHTS_DIR / "vlkit-tiny"}
 
@@ -63,6 +66,16 @@ def register_folder_kind(kind: str):
 
     def deco(load: Callable[[Path, str], VLModel]) -> Callable[[Path, str], VLModel]:
         FOLDER_KINDS[kind] = load
+        return load
+
+    return deco
+
+
+def register_file_kind(suffix: str):
+    """Decorator: add a loader for single-file checkpoints ending in `suffix`."""
+
+    def deco(load: Callable[[Path, str], VLModel]) -> Callable[[Path, str], VLModel]:
+        FILE_KINDS[suffix] = load
         return load
 
     return deco
@@ -144,6 +157,8 @@ def _load_local(spec: str) -> VLModel:
     if not folder.exists():
         raise VlkitError(f"model folder {spec}: does not exist; pass an existing checkpoint folder")
     if not folder.is_dir():
+        if folder.suffix in FILE_KINDS:
+            return FILE_KINDS[folder.suffix](folder.resolve(), spec)
         raise VlkitError(f"model {spec}: is a file, not a checkpoint folder; pass the folder that holds config.json")
     return load_folder(folder.resolve(), spec)
 
@@ -167,11 +182,14 @@ def _load_hf_id(spec: str) -> VLModel:
 
 
 def _register_builtin_kinds() -> None:
-    from vlkit.models import hf, vlkit_format
+    from vlkit.models import blip_adapter, hf, vlkit_format
 
     register_folder_kind("clip")(hf.load_hf_clip)
     register_folder_kind("vision-text-dual-encoder")(hf.load_hf_vision_text_dual_encoder)
     register_folder_kind(vlkit_format.FORMAT)(vlkit_format.load_vlkit_dual_encoder)
+    register_folder_kind("blip")(blip_adapter.load_blip_vlmodel)
+    register_folder_kind("vlkit-blip")(blip_adapter.load_blip_vlmodel)
+    register_file_kind(".pth")(blip_adapter.load_blip_vlmodel)
 
 
 _register_builtin_kinds()
