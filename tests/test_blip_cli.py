@@ -10,9 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from blip_tiny import IMAGE_SIZE, tiny_configs
+from blip_tiny import IMAGE_SIZE, tiny_blip_model
 from vlkit.blip.match import blip_texts, match_pairs, read_pairs, write_matches
-from vlkit.blip.model import BlipModel
 from vlkit.blip.tokenizer import BlipTokenizer
 from vlkit.errors import VlkitError
 from vlkit.models.preprocess import PilImagePreprocess, PreprocessConfig
@@ -23,13 +22,7 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "
 @pytest.fixture(scope="module")
 def parts():
     """A tiny random BlipModel (noise on every weight), BLIP's tokenizer and a 32 px preprocessing."""
-    torch.manual_seed(0)
-    vision, text = tiny_configs()
-    blip = BlipModel.from_config(vision, text, embed_dim=16).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in blip.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    blip = tiny_blip_model(seed=0)
     preprocess = PilImagePreprocess(PreprocessConfig(resize="exact", size=(IMAGE_SIZE, IMAGE_SIZE), crop_size=None, mean=(0.5,) * 3, std=(0.5,) * 3))
     return blip, BlipTokenizer.from_minilm(), preprocess
 
@@ -117,3 +110,104 @@ def test_match_table_errors_name_the_columns(tmp_path):
         read_pairs(other)
     with pytest.raises(VlkitError, match="does not exist"):
         read_pairs(tmp_path / "missing.csv")
+
+
+# ---------------------------------------------------------------- captioning (library)
+
+
+@pytest.fixture(scope="module")
+def blip_dirs(tmp_path_factory):
+    """A tiny Hugging Face BLIP model on disk: parent/retrieval and parent/captioning (two halves of one model)."""
+    from blip_tiny import save_tiny_hf_blip
+
+    parent = tmp_path_factory.mktemp("blip")
+    retrieval, captioning = save_tiny_hf_blip(parent)
+    return parent, retrieval, captioning
+
+
+@pytest.fixture(scope="module")
+def loaded(blip_dirs):
+    from vlkit.blip.checkpoint import load_blip
+
+    return load_blip(str(blip_dirs[0]))
+
+
+def good_images(data: Path) -> list[Path]:
+    return [data.parent / "img" / f"{c}.png" for c in COLORS]
+
+
+def test_resolve_images_from_files_folders_and_tables(data, tmp_path):
+    from vlkit.blip.captioning import resolve_images
+
+    img = data.parent / "img"
+    table = tmp_path / "list.csv"
+    table.write_text(f"path,note\n{img / 'red.png'}\nrel.png,x\n")
+    got = resolve_images([img / "red.png", img, table])
+    names = [Path(p).name for p in got]
+    assert names == ["red.png", "blue.png", "broken.png", "green.png", "yellow.png", "rel.png"]  # each once, folder sorted
+    assert got[-1] == str(tmp_path / "rel.png")  # relative to the table
+    with pytest.raises(VlkitError, match="does not exist"):
+        resolve_images([tmp_path / "nope.png"])
+    with pytest.raises(VlkitError, match=r"no column 'file' \(--image-column\); columns present: path, note"):
+        resolve_images([table], image_column="file")
+    with pytest.raises(VlkitError, match="no image files found"):
+        (tmp_path / "empty").mkdir()
+        resolve_images([tmp_path / "empty"])
+
+
+def test_caption_files_equal_blip_core_captions_and_skip_the_corrupt_file(loaded, data):
+    from vlkit.blip.captioning import caption_files, resolve_images
+    from vlkit.blip.generate import BEAM, caption_images
+    from vlkit.data.images import load_image
+
+    paths = resolve_images([data.parent / "img"])
+    run = caption_files(loaded, paths, BEAM, batch_size=3)
+    assert [Path(r["path"]).name for r in run.records] == ["blue.png", "green.png", "red.png", "yellow.png"]
+    assert [Path(p).name for p, _ in run.skipped] == ["broken.png"]
+    expected = caption_images(loaded, [load_image(r["path"]) for r in run.records], BEAM, batch_size=3)
+    assert [r["caption"] for r in run.records] == expected and all(expected)
+    rec = run.records[0]
+    assert rec["method"] == "beam" and rec["settings"]["num_beams"] == 3 and rec["settings"]["max_length"] == 20
+    m = run.metrics()
+    assert (m["images"], m["captioned"], m["skipped_count"]) == (5, 4, 1) and m["images_per_s"] > 0
+    assert m["skipped"][0]["reason"].startswith("corrupt PNG")
+
+
+def test_nucleus_captions_are_seeded_and_several_per_image(loaded, data):
+    from vlkit.blip.captioning import caption_files
+    from vlkit.blip.generate import caption_images, settings_for
+    from vlkit.data.images import load_image
+
+    paths = [str(p) for p in good_images(data)]
+    settings = settings_for("nucleus", seed=7)
+    a = caption_files(loaded, paths, settings, batch_size=2)
+    assert [r["caption"] for r in a.records] == caption_images(loaded, [load_image(p) for p in paths], settings, batch_size=2)
+    assert [r["caption"] for r in caption_files(loaded, paths, settings, batch_size=2).records] == [r["caption"] for r in a.records]
+    other = caption_files(loaded, paths, settings_for("nucleus", seed=8), batch_size=2)
+    assert [r["caption"] for r in other.records] != [r["caption"] for r in a.records]
+    three = caption_files(loaded, paths, settings, batch_size=2, num_captions=3)
+    assert all(len(r["captions"]) == 3 and r["caption"] == r["captions"][0] for r in three.records)
+    assert len({c for r in three.records for c in r["captions"]}) > len(paths)  # the samples differ
+    assert three.records[0]["settings"]["top_p"] == 0.9 and three.records[0]["settings"]["repetition_penalty"] == 1.1
+
+
+def test_caption_argument_errors(loaded, data):
+    from vlkit.blip.captioning import caption_files, check_num_captions
+    from vlkit.blip.generate import BEAM, settings_for
+
+    with pytest.raises(VlkitError, match="--num-captions 2: beam search gives one caption"):
+        check_num_captions(BEAM, 2)
+    with pytest.raises(VlkitError, match="--num-captions 0"):
+        check_num_captions(settings_for("nucleus"), 0)
+    with pytest.raises(VlkitError, match="--batch-size 0"):
+        caption_files(loaded, [str(p) for p in good_images(data)], BEAM, batch_size=0)
+
+
+def test_write_captions_is_jsonl(loaded, data, tmp_path):
+    from vlkit.blip.captioning import caption_files, write_captions
+    from vlkit.blip.generate import GREEDY
+
+    run = caption_files(loaded, [str(p) for p in good_images(data)], GREEDY, batch_size=4)
+    path = write_captions(tmp_path / "run", run)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert rows == run.records and [p.name for p in (tmp_path / "run").iterdir()] == ["captions.jsonl"]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip_tiny import pixels, tiny_configs
-from vlkit.blip.model import BlipModel
+from blip_tiny import pixels, tiny_blip_model
 from vlkit.blip.rerank import (
     check_rerank,
     itm_match_logits,
@@ -33,14 +32,9 @@ def full_itm(blip, texts, embeds) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def setup():
     """A tiny random BlipModel whose ITM logits differ between images by about as much as its ITC cosines do."""
-    torch.manual_seed(0)
-    vision, text = tiny_configs()
-    blip = BlipModel.from_config(vision, text, embed_dim=16).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # noise everywhere (no identity LayerNorm, no zero bias) and a spread-out ITM head
-        for p in blip.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        blip.itm_head.weight.normal_(0, 1.0, generator=gen)
+    blip = tiny_blip_model(seed=0)
+    with torch.no_grad():  # a spread-out ITM head, so re-ranking visibly reorders
+        blip.itm_head.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
     texts = BlipTokenizer.from_minilm()(TEXTS)
     with torch.no_grad():
         embeds = blip.image_embeds(pixels(5, seed=3))

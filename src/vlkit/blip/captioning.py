@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -23,6 +24,8 @@ from vlkit.data.images import DEFAULT_MAX_PIXELS
 from vlkit.errors import VlkitError
 
 if TYPE_CHECKING:
+    from vlkit.blip.checkpoint import LoadedBlip
+    from vlkit.blip.generate import CaptionSettings
     from vlkit.models.base import ImagePreprocess
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
@@ -140,3 +143,120 @@ def progress_bar(enabled: bool, total: int, what: str) -> Iterator[Callable[[int
     ) as bar:
         task = bar.add_task(what, total=total)
         yield lambda k: bar.advance(task, k)
+
+
+# ---------------------------------------------------------------- captioning
+
+
+@dataclass
+class CaptionRun:
+    """Captions of the readable images (input order), the skipped files with reasons, and the time taken."""
+
+    records: list[dict[str, Any]]
+    skipped: list[tuple[str, str]]
+    settings: "CaptionSettings"
+    num_captions: int
+    batch_size: int
+    seconds: float
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "images": len(self.records) + len(self.skipped),
+            "captioned": len(self.records),
+            "skipped_count": len(self.skipped),
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "seconds": self.seconds,
+            "images_per_s": len(self.records) / self.seconds if self.seconds > 0 else None,
+        }
+
+
+def settings_record(settings: "CaptionSettings", num_captions: int) -> dict[str, Any]:
+    """The decoding settings that shape a caption, as written on every captions.jsonl line."""
+    common = {
+        "max_length": settings.max_length,
+        "min_length": settings.min_length,
+        "repetition_penalty": settings.repetition_penalty,
+        "prompt": settings.prompt,
+        "num_captions": num_captions,
+    }
+    if settings.method == "beam":
+        return {"num_beams": settings.num_beams, **common}
+    return {"top_p": settings.top_p, "top_k": settings.top_k, "seed": settings.seed, **common}
+
+
+@torch.no_grad()
+def caption_files(
+    loaded: "LoadedBlip",
+    paths: Sequence[str | os.PathLike],
+    settings: "CaptionSettings",
+    *,
+    batch_size: int = 16,
+    num_captions: int = 1,
+    num_workers: int = 2,
+    progress: bool = False,
+) -> CaptionRun:
+    """Caption image files in batches (the ViT runs once per batch; beams share its tokens).
+
+    `num_captions` > 1 (nucleus sampling only) draws that many independent captions per
+    image, as transformers' `num_return_sequences` does for sampling.
+
+    Nucleus sampling draws from one stream seeded once per run with `settings.seed`, each
+    batch reseeded from it (as `vlkit.blip.generate.caption_images`), so the same files,
+    batch size and seed give the same captions.
+    """
+    from dataclasses import replace
+
+    from vlkit.blip.generate import decode, generate
+
+    settings.validate()
+    if batch_size < 1:
+        raise VlkitError(f"--batch-size {batch_size}: must be at least 1")
+    check_num_captions(settings, num_captions)
+    model = loaded.model
+    model._need_decoder("captioning")
+    device = next(model.parameters()).device
+    records: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    names = [os.fspath(p) for p in paths]
+    method = settings_record(settings, num_captions)
+    start = time.perf_counter()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), progress_bar(progress, len(names), "captioning") as advance:
+        torch.manual_seed(settings.seed)
+        seen = 0
+        for batch in pixel_batches(names, loaded.preprocess, batch_size, skipped, num_workers=num_workers):
+            run = settings
+            if settings.method == "nucleus":
+                run = replace(settings, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+            embeds = model.image_embeds(batch.pixels.to(device))
+            if num_captions > 1:  # K independent samples per image: each image's tokens K times, rows grouped per image
+                embeds = embeds.repeat_interleave(num_captions, dim=0)
+            texts = decode(loaded.tokenizer, generate(model, embeds, loaded.tokenizer, run))
+            for k, i in enumerate(batch.index):
+                caps = texts[k * num_captions : (k + 1) * num_captions]
+                rec: dict[str, Any] = {"path": names[i], "caption": caps[0]}
+                if num_captions > 1:
+                    rec["captions"] = caps
+                records.append({**rec, "method": settings.method, "settings": method})
+            advance(len(batch.index) + len(skipped) - seen)
+            seen = len(skipped)
+    return CaptionRun(records, skipped, settings, num_captions, batch_size, time.perf_counter() - start)
+
+
+def check_num_captions(settings: "CaptionSettings", num_captions: int) -> None:
+    if num_captions < 1:
+        raise VlkitError(f"--num-captions {num_captions}: must be at least 1")
+    if settings.method == "beam" and num_captions > 1:
+        # vlkit.blip.generate returns each image's best beam only
+        raise VlkitError(f"--num-captions {num_captions}: beam search gives one caption per image (its best beam); use --sample for several")
+
+
+def write_captions(run_dir: str | os.PathLike, run: CaptionRun) -> Path:
+    """captions.jsonl (one JSON object per captioned image), written atomically."""
+    import json
+
+    from vlkit import io
+
+    path = Path(run_dir) / "captions.jsonl"
+    io.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run.records))
+    return path
