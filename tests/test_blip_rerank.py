@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -186,3 +188,105 @@ def test_evaluate_retrieval_rerank_matches_a_direct_computation(setup, tmp_path)
     assert res.itc["text_to_image"]["mean_rank"] == pytest.approx(ranks_from_scores(itc.numpy(), rel_t2i).mean())
     d = res.to_dict()
     assert d["text_to_image"] == d["itc_itm"]["text_to_image"] and d["rerank"]["k"] == 2
+
+
+# ---------------------------------------------------------------- search --rerank itm
+
+
+@pytest.fixture(scope="module")
+def blip_index(tmp_path_factory):
+    """A tiny BLIP retrieval checkpoint, an index built with it over colour squares with captions."""
+    import json
+
+    from PIL import Image
+
+    from blip_tiny import save_tiny_hf_blip
+    from vlkit.models import load_model
+    from vlkit.retrieval import build_index, read_source
+
+    root = tmp_path_factory.mktemp("blipindex")
+    retrieval, _ = save_tiny_hf_blip(root / "model")
+    rows = []
+    for i, (name, rgb) in enumerate({"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "grey": (120, 120, 120), "pink": (240, 150, 190)}.items()):
+        im = Image.new("RGB", (36, 36), rgb)
+        im.paste((255, 255, 255), (6 * i, 2, 6 * i + 9, 30))
+        im.save(root / f"{name}.png")
+        rows += [{"image": f"{name}.png", "caption": f"a {name} square"}, {"image": f"{name}.png", "caption": f"{name} thing"}]
+    table = root / "t.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    vl = load_model(str(retrieval))
+    build_index(root / "index", vl, read_source(table), progress=False)
+    return root, vl
+
+
+def test_search_rerank_text_to_images_follows_the_formula(blip_index):
+    from PIL import Image
+
+    from vlkit.blip.match import blip_texts
+    from vlkit.blip.rerank import rerank_search
+    from vlkit.retrieval.search import Searcher
+
+    root, vl = blip_index
+    searcher = Searcher.open(root / "index", vl)
+    hits, skipped = rerank_search(searcher, text="a red square", k=2, rerank_k=4)
+    assert skipped == [] and [h.rank for h in hits] == [1, 2]
+    itc = searcher.search_text("a red square", 4, "images")
+    q = blip_texts(vl.tokenizer, ["a red square"])
+    expected = []
+    with torch.no_grad():
+        for h in itc:
+            x = vl.preprocess(Image.open(root / h.metadata["path"]).convert("RGB"))[None]
+            logit = vl.blip.itm_logits(vl.blip.image_embeds(x), q.input_ids, q.attention_mask)[0, 1].item()
+            expected.append((logit + h.score, h.id, logit))
+    expected.sort(key=lambda t: -t[0])
+    assert [h.id for h in hits] == [e[1] for e in expected[:2]]
+    for h, (score, _, logit) in zip(hits, expected):
+        assert h.score == pytest.approx(score, abs=1e-5) and h.metadata["itm_logit"] == pytest.approx(logit, abs=1e-5)
+        assert h.score == pytest.approx(h.metadata["itm_logit"] + h.metadata["itc_cosine"], abs=1e-6)
+
+
+def test_search_rerank_image_to_captions_and_bad_directions(blip_index):
+    from vlkit.blip.match import blip_texts
+    from vlkit.blip.rerank import rerank_search
+    from vlkit.retrieval.search import Searcher
+
+    root, vl = blip_index
+    searcher = Searcher.open(root / "index", vl)
+    hits, _ = rerank_search(searcher, image=root / "blue.png", k=3, rerank_k=10, target="captions")
+    itc = searcher.search_image(root / "blue.png", 10, "captions")
+    with torch.no_grad():
+        from PIL import Image
+
+        embeds = vl.blip.image_embeds(vl.preprocess(Image.open(root / "blue.png").convert("RGB"))[None])
+        caps = blip_texts(vl.tokenizer, [h.metadata["text"] for h in itc])
+        logits = vl.blip.itm_logits(embeds.expand(len(itc), -1, -1), caps.input_ids, caps.attention_mask)[:, 1]
+    final = sorted(((float(l) + h.score, h.id) for l, h in zip(logits, itc)), reverse=True)
+    assert [h.id for h in hits] == [i for _, i in final[:3]]
+    with pytest.raises(VlkitError, match="not text -> captions"):
+        rerank_search(searcher, text="red", target="captions")
+    with pytest.raises(VlkitError, match="not image -> images"):
+        rerank_search(searcher, image=root / "blue.png", target="images")
+
+
+def test_search_rerank_drops_a_candidate_image_gone_since_indexing(blip_index, tmp_path):
+    import shutil
+
+    from vlkit.blip.rerank import rerank_search
+    from vlkit.retrieval.search import Searcher
+
+    root, vl = blip_index
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("model"))
+    man = (copy / "index" / "index.json").read_text().replace(str(root), str(copy))
+    (copy / "index" / "index.json").write_text(man)
+    (copy / "green.png").write_bytes(b"")
+    hits, skipped = rerank_search(Searcher.open(copy / "index", vl), text="a green square", k=5, rerank_k=5)
+    assert [Path(p).name for p, _ in skipped] == ["green.png"] and "empty" in skipped[0][1]
+    assert "green.png" not in [h.id for h in hits] and len(hits) == 4
+
+
+def test_search_rerank_refuses_a_clip_model(tiny_clip_model):
+    from vlkit.blip.rerank import blip_of
+
+    with pytest.raises(VlkitError, match="is not a BLIP model, so it has no ITM head"):
+        blip_of(tiny_clip_model, tiny_clip_model.spec)

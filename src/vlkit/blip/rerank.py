@@ -19,6 +19,7 @@ image -> text an image against its k nearest texts.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from vlkit.blip.model import BlipModel
     from vlkit.models.base import TextBatch
     from vlkit.retrieval.collection import Source
+    from vlkit.retrieval.search import Hit, Searcher
 
 DEFAULT_RERANK_K = 128
 RERANK_CHOICES = ("none", "itm")
@@ -239,3 +241,87 @@ def evaluate_retrieval_rerank(
         seconds=time.perf_counter() - start,
     )
 
+
+
+# ---------------------------------------------------------------- `vlkit search --rerank itm`
+
+
+def blip_of(model: Any, spec: str) -> "BlipModel":
+    """The BlipModel behind a loaded VLModel, with the ITM head re-ranking needs; else a one-line error."""
+    blip = getattr(model, "blip", None)
+    if blip is None:
+        raise VlkitError(f"model {spec}: is not a BLIP model, so it has no ITM head for --rerank itm; use an index built with a BLIP retrieval model")
+    blip._need_encoder("ITM re-ranking")
+    return blip
+
+
+@torch.no_grad()
+def rerank_search(
+    searcher: "Searcher",
+    *,
+    text: str | None = None,
+    image: str | os.PathLike | None = None,
+    k: int = 10,
+    target: str = "images",
+    rerank_k: int = DEFAULT_RERANK_K,
+    batch_size: int = 32,
+) -> tuple[list["Hit"], list[tuple[str, str]]]:
+    """Search as BLIP retrieves: the index's ITC top `rerank_k`, re-scored by ITM logit[:, 1] + cosine, best `k` kept.
+
+    Text -> images re-scores the query against each candidate image (read again from
+    the index's image root; one that can no longer be read is dropped and returned in
+    the skipped list); image -> captions the query image against each candidate caption.
+    Each hit keeps its ITC cosine and ITM logit in `metadata`.
+    """
+    from vlkit.blip.captioning import pixel_batches
+    from vlkit.blip.match import blip_texts
+    from vlkit.retrieval.search import Hit
+
+    check_rerank("itm", rerank_k)
+    if (text is None) == (image is None):
+        raise VlkitError("--rerank itm: give exactly one of --text or --image")
+    if (text is not None and target != "images") or (image is not None and target != "captions"):
+        raise VlkitError(
+            f"--rerank itm: scores image-text pairs, so it re-ranks text -> images and image -> captions, not "
+            f"{'text' if text is not None else 'image'} -> {target}; drop --rerank or change --target"
+        )
+    if k < 1:
+        raise VlkitError(f"k={k}: must be at least 1")
+    model = searcher.model
+    blip = blip_of(model, model.spec)
+    tokenizer, preprocess = model.tokenizer, model.preprocess
+    device = next(blip.parameters()).device
+    skipped: list[tuple[str, str]] = []
+    if text is not None:
+        hits = searcher.search_text(text, max(k, rerank_k), "images")[:rerank_k]
+        paths = [str(searcher.index.image_root / h.metadata["path"]) for h in hits]
+        embeds, keep = [], []
+        for batch in pixel_batches(paths, preprocess, batch_size, skipped):
+            embeds.append(blip.image_embeds(batch.pixels.to(device)))
+            keep.extend(batch.index)
+        hits = [hits[i] for i in keep]
+        if not hits:
+            return [], skipped
+        image_embeds = torch.cat(embeds)
+        query = blip_texts(tokenizer, [text])
+        n = len(hits)
+        itm = itm_match_logits(blip, image_embeds, query.input_ids.expand(n, -1), query.attention_mask.expand(n, -1), batch_size)
+    else:
+        hits = searcher.search_image(image, max(k, rerank_k), "captions")[:rerank_k]  # type: ignore[arg-type]
+        if not hits:
+            return [], skipped
+        batches = list(pixel_batches([os.fspath(image)], preprocess, 1, skipped))  # type: ignore[arg-type]
+        if not batches:
+            raise VlkitError(f"{image}: {skipped[0][1]}; give a readable image file")
+        query_embeds = blip.image_embeds(batches[0].pixels.to(device))
+        captions = blip_texts(tokenizer, [h.metadata["text"] for h in hits])
+        n = len(hits)
+        itm = itm_match_logits(blip, query_embeds.expand(n, -1, -1), captions.input_ids, captions.attention_mask, batch_size)
+    cos = torch.tensor([h.score for h in hits])
+    final = itm + cos
+    order = torch.sort(final, descending=True, stable=True).indices[:k].tolist()
+    out = [
+        Hit(rank, hits[j].id, float(final[j]), hits[j].kind, {**hits[j].metadata, "itc_cosine": float(cos[j]), "itm_logit": float(itm[j])})
+        for rank, j in enumerate(order, start=1)
+    ]
+    return out, skipped
