@@ -211,3 +211,114 @@ def test_write_captions_is_jsonl(loaded, data, tmp_path):
     path = write_captions(tmp_path / "run", run)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert rows == run.records and [p.name for p in (tmp_path / "run").iterdir()] == ["captions.jsonl"]
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cli(args: list, capsys) -> tuple[int, str, str]:
+    from vlkit.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = 0 if e.code is None else int(e.code)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(code: int, err: str) -> str:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_cli_caption_writes_a_run_folder(blip_dirs, loaded, data, tmp_path, capsys):
+    from vlkit.blip.captioning import caption_files, resolve_images
+    from vlkit.blip.generate import settings_for
+
+    runs = tmp_path / "runs"
+    code, out, err = cli(["caption", data.parent / "img", "--model", blip_dirs[0], "--batch-size", "2", "--out", runs, "--no-progress"], capsys)
+    assert code == 0, err
+    (run,) = runs.iterdir()
+    assert sorted(p.name for p in run.iterdir()) == ["captions.jsonl", "config.json", "metrics.json"]
+    rows = [json.loads(line) for line in (run / "captions.jsonl").read_text().splitlines()]
+    expected = caption_files(loaded, resolve_images([data.parent / "img"]), settings_for("beam"), batch_size=2)
+    assert [r["caption"] for r in rows] == [r["caption"] for r in expected.records]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["captioned"] == 4 and metrics["skipped"][0]["path"].endswith("broken.png") and metrics["images_per_s"] > 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["settings"]["num_beams"] == 3 and config["settings"]["min_length"] == 5 and config["model_fingerprint"]
+    assert "broken.png" in out and "skipped 1" in out
+
+
+def test_cli_caption_sampling_with_a_prompt(blip_dirs, data, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    args = ["caption", *good_images(data), "--model", blip_dirs[2], "--sample", "--top-p", "0.8", "--num-captions", "2",
+            "--seed", "5", "--prompt", "a picture of ", "--max-length", "12", "--out", runs, "--no-progress"]
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in next(runs.iterdir()).joinpath("captions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(len(r["captions"]) == 2 for r in rows)
+    assert rows[0]["method"] == "nucleus" and rows[0]["settings"]["top_p"] == 0.8 and rows[0]["settings"]["prompt"] == "a picture of "
+    assert not any(c.startswith("a picture of") for r in rows for c in r["captions"])
+
+
+def test_cli_match_writes_csv_and_jsonl(blip_dirs, data, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code, out, err = cli(["match", "--model", blip_dirs[1], "--data", data, "--out", runs, "--no-progress"], capsys)
+    assert code == 0, err
+    (run,) = runs.iterdir()
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "matches.csv", "matches.jsonl", "metrics.json"]
+    rows = [json.loads(line) for line in (run / "matches.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(0 < r["itm_probability"] < 1 for r in rows)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["pairs_skipped"] == 1 and metrics["skipped"][0]["path"].endswith("broken.png")
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Loading any model fails the test: the argument errors below must come first."""
+    import vlkit.blip.checkpoint as checkpoint
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(checkpoint, "load_blip", refuse)
+
+
+def test_cli_bad_arguments_fail_before_any_model_loads(blip_dirs, tiny_clip_dir, data, tmp_path, capsys, no_model_load):
+    parent, retrieval, captioning = blip_dirs
+    img = data.parent / "img"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    runs = tmp_path / "runs"
+    cases = [
+        (["caption", img, "--model", tiny_clip_dir], "holds a 'clip' checkpoint"),
+        (["caption", img, "--model", retrieval], "has no text decoder (needed to caption)"),
+        (["caption", img, "--model", tmp_path / "no-such-model"], "not found"),
+        (["caption", img, "--model", "no-such-model"], "not found"),
+        (["caption", img, "--model", parent, "--beam", "2", "--sample"], "pick one decoding method"),
+        (["caption", img, "--model", parent, "--top-p", "0.5"], "--top-p 0.5: applies to nucleus sampling only"),
+        (["caption", img, "--model", parent, "--sample", "--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+        (["caption", img, "--model", parent, "--beam", "0"], "--beam 0: must be at least 1"),
+        (["caption", img, "--model", parent, "--min-length", "9", "--max-length", "8"], "--min-length 9: is above --max-length 8"),
+        (["caption", img, "--model", parent, "--num-captions", "2"], "--num-captions 2: beam search gives one caption"),
+        (["caption", img, "--model", parent, "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["caption", img, "--model", parent, "--repetition-penalty", "nan"], "--repetition-penalty nan"),
+        (["caption", img, "--model", parent, "--device", "banana"], "--device 'banana': not a device"),
+        (["caption", img, "--model", parent, "--out", afile], "is an existing file"),
+        (["caption", tmp_path / "missing.png", "--model", parent], "does not exist"),
+        (["match", "--model", tiny_clip_dir, "--data", data], "holds a 'clip' checkpoint"),
+        (["match", "--model", captioning, "--data", data], "has no text encoder and ITM head (needed to match)"),
+        (["match", "--model", parent, "--data", data, "--text-column", "caption"], "no column 'caption' (--text-column); columns present: image, text"),
+        (["match", "--model", parent, "--data", tmp_path / "none.csv"], "table does not exist"),
+    ]
+    for args, msg in cases:
+        out = [] if "--out" in args else ["--out", runs]
+        code, _, err = cli([*args, *out, "--no-progress"], capsys)
+        line = one_error_line(code, err)
+        assert msg in line, (args, line)
+    assert not runs.exists()

@@ -1,4 +1,4 @@
-"""BLIP commands: `vlkit eval caption`.
+"""BLIP commands: `vlkit caption`, `vlkit match`, `vlkit eval caption`.
 
 Each is a thin call into `vlkit.blip`; arguments are checked before any model is
 loaded or any output is created.
@@ -26,7 +26,235 @@ def _eval_group(app: typer.Typer) -> typer.Typer:
 
 
 def register(app: typer.Typer) -> None:
+    app.command(name="caption")(caption)
+    app.command(name="match")(match)
     _eval_group(app).command("caption")(eval_caption)
+
+
+def _fingerprint(loaded) -> str:
+    """The run config's model fingerprint: weights, parts, tokenizer and image preprocessing."""
+    from vlkit.models.fingerprint import fingerprint
+
+    description = {"kind": loaded.kind, "model": loaded.model.extra_repr(), "tokenizer": loaded.tokenizer.describe(), "preprocess": loaded.preprocess.describe()}
+    return fingerprint(loaded.model, description)
+
+
+_NEEDS = {
+    "decoder": ("text decoder (needed to caption)", "BlipForConditionalGeneration"),
+    "encoder": ("text encoder and ITM head (needed to match)", "BlipForImageTextRetrieval"),
+}
+
+
+def blip_parts(spec: str) -> set[str] | None:
+    """The parts ("encoder", "decoder") a BLIP checkpoint holds, read from its config files without loading weights.
+
+    None for an original BLIP .pth (only loading tells); a CLIP or other non-BLIP folder, or a
+    spec that names nothing, is a one-line VlkitError.
+    """
+    from vlkit.blip.checkpoint import FORMAT, _read_config, _resolve, hf_blip_part
+
+    path = _resolve(spec)
+    if path.is_file():
+        return None
+    if (path / "config.json").is_file():
+        cfg = _read_config(path)
+        if cfg.get("format") == FORMAT:
+            return set(cfg.get("parts") or [])
+        return {"encoder"} if hf_blip_part(path, cfg) == "retrieval" else {"decoder"}
+    parts = set()
+    for sub, part in (("retrieval", "encoder"), ("captioning", "decoder")):
+        if (path / sub / "config.json").is_file() and hf_blip_part(path / sub) == sub:
+            parts.add(part)
+    return parts or None
+
+
+def check_blip_model(spec: str, need: str, flag: str = "--model") -> None:
+    """Refuse, before any weights load, a model that is not BLIP or lacks the part `need`."""
+    parts = blip_parts(spec)
+    if parts is not None and need not in parts:
+        what, cls = _NEEDS[need]
+        raise VlkitError(f"{flag} {spec}: this BLIP checkpoint has no {what}; give a {cls} checkpoint or a full BLIP model")
+
+
+def _load(spec: str, device: str, need: str):
+    """Load a BLIP model that has the part `need` ("decoder" to caption, "encoder" to match)."""
+    from vlkit.blip.checkpoint import load_blip
+
+    loaded = load_blip(spec, device=device)
+    if not (loaded.model.has_decoder if need == "decoder" else loaded.model.has_encoder):  # a .pth, known only now
+        what, cls = _NEEDS[need]
+        raise VlkitError(f"--model {spec}: this BLIP checkpoint has no {what}; give a {cls} checkpoint or a full BLIP model")
+    return loaded
+
+
+def _at_least(flag: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise VlkitError(f"{flag} {value}: must be at least {minimum}")
+
+
+def _device(value: str) -> str:
+    """cpu, or a CUDA/MPS device this machine has."""
+    import re
+
+    import torch
+
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", value.strip())
+    if not m or (m.group(1) != "cuda" and m.group(2) is not None):
+        raise VlkitError(f"--device {value!r}: not a device; use cpu, cuda, cuda:N or mps")
+    if m.group(1) == "cuda":
+        if not torch.cuda.is_available():
+            raise VlkitError(f"--device {value}: CUDA is not available here; use --device cpu")
+        if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
+            raise VlkitError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if m.group(1) == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise VlkitError(f"--device {value}: MPS is not available here; use --device cpu")
+    return value.strip()
+
+
+def _out_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise VlkitError(f"--out {out}: is an existing file; give a folder (it is created if missing)")
+
+
+def caption(
+    images: list[Path] = typer.Argument(..., help="Image files, folders (searched recursively) and/or .csv/.jsonl tables with an image column."),
+    model: str = typer.Option(..., "--model", help="BLIP model: a Hugging Face BLIP folder, a vlkit-blip folder, an original BLIP .pth or an embedded name."),
+    beam: Optional[int] = typer.Option(None, "--beam", help="Beam search with N beams (the default, BLIP's N = 3)."),
+    sample: bool = typer.Option(False, "--sample", help="Nucleus sampling instead (BLIP's CapFilt: top-p 0.9, repetition penalty 1.1)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="With --sample: the nucleus mass (default 0.9)."),
+    prompt: str = typer.Option("", "--prompt", help='Text the decoder continues, e.g. "a picture of " (BLIP\'s captioners); stripped from the caption.'),
+    max_length: int = typer.Option(20, "--max-length", help="Most tokens per caption, counting [DEC] and the prompt (BLIP: 20)."),
+    min_length: int = typer.Option(5, "--min-length", help="Fewest tokens, counted as --max-length (BLIP: 5)."),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="Default BLIP's: 1.0 with beam search, 1.1 with --sample."),
+    num_captions: int = typer.Option(1, "--num-captions", help="Captions per image (the best beams, or independent samples)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seeds --sample (recorded either way)."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Tables' image column (default: image, path, file, ...)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the run folder."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Caption images with BLIP: writes captions.jsonl, config.json and metrics.json (skipped files listed) to a run folder."""
+    from vlkit import runs
+    from vlkit.blip.captioning import caption_files, check_num_captions, resolve_images, settings_record, write_captions
+    from vlkit.blip.generate import settings_for
+
+    # every argument first: a typo costs a second, not a model load
+    if sample and beam is not None:
+        raise VlkitError("--beam and --sample: pick one decoding method (beam search or nucleus sampling)")
+    if top_p is not None and not sample:
+        raise VlkitError(f"--top-p {top_p}: applies to nucleus sampling only; add --sample")
+    _at_least("--beam", beam)
+    _at_least("--batch-size", batch_size)
+    _at_least("--max-length", max_length, 2)
+    _at_least("--min-length", min_length, 0)
+    if min_length > max_length:
+        raise VlkitError(f"--min-length {min_length}: is above --max-length {max_length}")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise VlkitError(f"--top-p {top_p}: must be in (0, 1]")
+    if repetition_penalty is not None and not (0 < repetition_penalty < float("inf")):
+        raise VlkitError(f"--repetition-penalty {repetition_penalty}: must be a number above 0 (1.0 is none)")
+    overrides = {"max_length": max_length, "min_length": min_length, "seed": seed}
+    if beam is not None:
+        overrides["num_beams"] = beam
+    if top_p is not None:
+        overrides["top_p"] = top_p
+    if repetition_penalty is not None:
+        overrides["repetition_penalty"] = repetition_penalty
+    settings = settings_for("nucleus" if sample else "beam", prompt, **overrides)
+    check_num_captions(settings, num_captions)
+    device = _device(device)
+    _out_folder(out)
+    paths = resolve_images(images, image_column)
+    check_blip_model(model, "decoder")
+
+    loaded = _load(model, device, "decoder")
+    result = caption_files(loaded, paths, settings, batch_size=batch_size, num_captions=num_captions, progress=progress)
+    if not result.records:
+        first = result.skipped[0]
+        raise VlkitError(f"none of the {len(result.skipped)} images could be read (e.g. {first[0]}: {first[1]}); nothing was written")
+    run = runs.new_run_dir(out, "caption")
+    config_settings = {
+        "images": [str(p) for p in images],
+        "model": model,
+        "method": settings.method,
+        **settings_record(settings, num_captions),
+        "batch_size": batch_size,
+        "image_column": image_column,
+        "device": device,
+        "out": out,
+    }
+    runs.write_config(run, config_settings, command="caption", model_fingerprint=_fingerprint(loaded), model_notes=loaded.notes, decoding=settings.to_dict())
+    write_captions(run, result)
+    runs.write_metrics(run, result.metrics())
+    _print_captions(result, run)
+
+
+def _print_captions(result, run: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{len(result.records)} captions ({result.settings.method})")
+    table.add_column("image")
+    table.add_column("caption")
+    for rec in result.records[:20]:
+        table.add_row(Path(rec["path"]).name, rec["caption"])
+    console.print(table)
+    if len(result.records) > 20:
+        console.print(f"... and {len(result.records) - 20} more in captions.jsonl")
+    _print_skipped(console, result.skipped, "metrics.json")
+    m = result.metrics()
+    console.print(f"{m['images_per_s']:.2f} images/s; run folder: {run}", soft_wrap=True)
+
+
+def _print_skipped(console, skipped: list[tuple[str, str]], where: str) -> None:
+    if not skipped:
+        return
+    console.print(f"skipped {len(skipped)} unreadable images (all listed in {where}):")
+    for path, reason in skipped[:10]:
+        console.print(f"  {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
+    if len(skipped) > 10:
+        console.print(f"  ... and {len(skipped) - 10} more")
+
+
+def match(
+    model: str = typer.Option(..., "--model", help="BLIP model with an ITM head: a retrieval (BlipForImageTextRetrieval) or full BLIP checkpoint."),
+    data: Path = typer.Option(..., "--data", help="CSV/JSONL table of image-text pairs (image paths relative to the table)."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Image column (default: image, path, file, ...)."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column (default: text, caption, title); a list cell gives one pair per text."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images (and pairs) per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the run folder."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """ITM probability (softmax of the ITM logits, "match" column) and ITC cosine of every image-text row: matches.csv + matches.jsonl."""
+    from vlkit import runs
+    from vlkit.blip.match import match_pairs, read_pairs, write_matches
+
+    _at_least("--batch-size", batch_size)
+    device = _device(device)
+    _out_folder(out)
+    pairs = read_pairs(data, image_column, text_column)
+    check_blip_model(model, "encoder")
+
+    loaded = _load(model, device, "encoder")
+    result = match_pairs(loaded.model, loaded.tokenizer, loaded.preprocess, pairs, batch_size=batch_size, progress=progress)
+    if not result.rows:
+        first = result.skipped[0]
+        raise VlkitError(f"{data}: none of its {len(result.skipped)} images could be read (e.g. {first[0]}: {first[1]}); nothing was written")
+    run = runs.new_run_dir(out, "match")
+    settings = {"model": model, "data": data.resolve(), "image_column": image_column, "text_column": text_column, "batch_size": batch_size, "device": device, "out": out}
+    runs.write_config(run, settings, command="match", model_fingerprint=_fingerprint(loaded), model_notes=loaded.notes)
+    write_matches(run, result)
+    runs.write_metrics(run, result.metrics())
+    from rich.console import Console
+
+    console = Console()
+    m = result.metrics()
+    console.print(f"{m['pairs']} pairs scored; mean ITM probability {m['mean_itm_probability']:.4f}, mean ITC cosine {m['mean_itc_cosine']:.4f}")
+    _print_skipped(console, result.skipped, "metrics.json")
+    console.print(f"run folder: {run} (matches.csv, matches.jsonl)", soft_wrap=True)
 
 
 def eval_caption(
@@ -97,4 +325,4 @@ def _print_scores(ev, run: Path) -> None:
             f"left out: {len(ev.predictions_without_refs)} predicted images without references, "
             f"{len(ev.refs_without_prediction)} referenced images without a prediction (examples in metrics.json)"
         )
-    console.print(f"run folder: {run}")
+    console.print(f"run folder: {run}", soft_wrap=True)
