@@ -290,3 +290,65 @@ def test_search_rerank_refuses_a_clip_model(tiny_clip_model):
 
     with pytest.raises(VlkitError, match="is not a BLIP model, so it has no ITM head"):
         blip_of(tiny_clip_model, tiny_clip_model.spec)
+
+
+def _cli(args: list, capsys) -> tuple[int, str, str]:
+    from vlkit.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = 0 if e.code is None else int(e.code)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_search_and_eval_retrieval_with_rerank(blip_index, tmp_path, capsys):
+    import json
+
+    root, vl = blip_index
+    code, out, err = _cli(["search", root / "index", "--text", "a red square", "-k", "3", "--rerank", "itm", "--rerank-k", "4", "--json"], capsys)
+    assert code == 0, err
+    body = json.loads(out)
+    assert body["query"]["rerank"] == "itm" and len(body["results"]) == 3
+    assert all(r["score"] == pytest.approx(r["metadata"]["itm_logit"] + r["metadata"]["itc_cosine"], abs=1e-6) for r in body["results"])
+    runs = tmp_path / "runs"
+    retrieval = root / "model" / "retrieval"
+    code, out, err = _cli(["eval", "retrieval", "--data", root / "t.jsonl", "--model", retrieval, "--rerank", "itm", "--rerank-k", "3", "--runs-dir", runs], capsys)
+    assert code == 0, err
+    metrics = json.loads(next(runs.iterdir()).joinpath("metrics.json").read_text())
+    assert set(metrics["itc"]) == {"text_to_image", "image_to_text"} and metrics["rerank"]["k"] == 3
+    assert metrics["text_to_image"] == metrics["itc_itm"]["text_to_image"] and metrics["texts"] == 10
+    assert "ITC + ITM" in out
+
+
+def test_cli_rerank_bad_input_is_one_line_before_loading(blip_index, tiny_clip_dir, tiny_clip_model, tmp_path, capsys, monkeypatch):
+    from vlkit.retrieval import build_index, read_source
+
+    root, _ = blip_index
+    clip_index = tmp_path / "clip-index"
+    build_index(clip_index, tiny_clip_model, read_source(root / "t.jsonl"), progress=False)
+    import vlkit.blip.checkpoint as checkpoint
+    import vlkit.models.registry as registry
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(checkpoint, "load_blip", refuse)
+    monkeypatch.setattr(registry, "load_model", refuse)
+    monkeypatch.setattr("vlkit.models.load_model", refuse)
+    cases = [
+        (["search", clip_index, "--text", "red", "--rerank", "itm"], "holds a 'clip' checkpoint"),
+        (["search", root / "index", "--text", "red", "--rerank", "itm", "--target", "captions"], "not text -> captions"),
+        (["search", root / "index", "--text", "red", "--rerank", "itc"], "--rerank itc: unknown"),
+        (["search", root / "index", "--text", "red", "--rerank", "itm", "--rerank-k", "0"], "--rerank-k 0"),
+        (["search", root / "index", "--text", "red", "--rerank", "itm", "--model", root / "model" / "captioning"], "has no text encoder and ITM head"),
+        (["eval", "retrieval", "--data", root / "t.jsonl", "--model", tiny_clip_dir, "--rerank", "itm", "--runs-dir", tmp_path / "r"], "holds a 'clip' checkpoint"),
+        (["eval", "retrieval", "--data", root / "t.jsonl", "--rerank", "itm", "--runs-dir", tmp_path / "r"], "vlkit-dual-encoder"),
+    ]
+    for args, msg in cases:
+        code, _, err = _cli(args, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], (args, err)
+    assert not (tmp_path / "r").exists()

@@ -50,6 +50,15 @@ def check_rerank(rerank: str, k: int) -> None:
         raise VlkitError(f"--rerank-k {k}: must be at least 1 (BLIP re-ranks the top 128 or 256)")
 
 
+def check_rerank_direction(text_query: bool, target: str) -> None:
+    """ITM scores image-text pairs: it re-ranks text -> images and image -> captions only."""
+    if (text_query and target != "images") or (not text_query and target != "captions"):
+        raise VlkitError(
+            f"--rerank itm: scores image-text pairs, so it re-ranks text -> images and image -> captions, not "
+            f"{'text' if text_query else 'image'} -> {target}; drop --rerank or change --target"
+        )
+
+
 def top_candidates(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k highest ITC scores of one row and their columns; ties go to the lower column (a stable order)."""
     order = torch.sort(sims, descending=True, stable=True).indices[:k]
@@ -280,11 +289,7 @@ def rerank_search(
     check_rerank("itm", rerank_k)
     if (text is None) == (image is None):
         raise VlkitError("--rerank itm: give exactly one of --text or --image")
-    if (text is not None and target != "images") or (image is not None and target != "captions"):
-        raise VlkitError(
-            f"--rerank itm: scores image-text pairs, so it re-ranks text -> images and image -> captions, not "
-            f"{'text' if text is not None else 'image'} -> {target}; drop --rerank or change --target"
-        )
+    check_rerank_direction(text is not None, target)
     if k < 1:
         raise VlkitError(f"k={k}: must be at least 1")
     model = searcher.model

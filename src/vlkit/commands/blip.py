@@ -326,3 +326,63 @@ def _print_scores(ev, run: Path) -> None:
             f"{len(ev.refs_without_prediction)} referenced images without a prediction (examples in metrics.json)"
         )
     console.print(f"run folder: {run}", soft_wrap=True)
+
+
+# ---------------------------------------------------------------- --rerank itm (called from vlkit.commands.retrieval)
+
+
+def check_rerank_search(index: Path, model: Optional[str], rerank: str, rerank_k: int, *, text: Optional[str], target: str) -> None:
+    """`vlkit search --rerank`: the option, the direction and the index's model's kind, before anything loads."""
+    from vlkit.blip.rerank import check_rerank, check_rerank_direction
+    from vlkit.retrieval.index import read_manifest
+
+    check_rerank(rerank, rerank_k)
+    check_rerank_direction(text is not None, target)
+    spec = model or read_manifest(index)["model"]["spec"]
+    check_blip_model(spec, "encoder", "--model" if model else f"{index} (built with)")
+
+
+def eval_retrieval_rerank(
+    data: Path,
+    model: str,
+    rerank: str,
+    rerank_k: int,
+    caption_field: str,
+    caption_template: Optional[str],
+    image_field: str,
+    batch_size: int,
+    runs_dir: Path,
+) -> None:
+    """`vlkit eval retrieval --rerank itm`: recall@K by ITC alone and by ITC + ITM, side by side, in one run folder."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from vlkit import runs
+    from vlkit.blip.rerank import check_rerank, evaluate_retrieval_rerank
+    from vlkit.retrieval.collection import read_source
+
+    check_rerank(rerank, rerank_k)
+    _at_least("--batch-size", batch_size)
+    _out_folder(runs_dir)
+    check_blip_model(model, "encoder")
+    source = read_source(data, image_field=image_field, caption_field=caption_field, caption_template=caption_template)
+    loaded = _load(model, "cpu", "encoder")
+    result = evaluate_retrieval_rerank(loaded, source, k=rerank_k, batch_size=batch_size, progress=True)
+    run = runs.new_run_dir(runs_dir, "eval-retrieval")
+    settings = {"data": data.resolve(), "model": model, "caption_field": caption_field, "caption_template": caption_template,
+                "image_field": image_field, "rerank": rerank, "rerank_k": rerank_k, "batch_size": batch_size}
+    runs.write_config(run, settings, command="eval retrieval", model_fingerprint=_fingerprint(loaded), model_notes=loaded.notes)
+    runs.write_metrics(run, result.to_dict())
+    table = Table(title=f"retrieval on {data.name}: {result.images} images, {result.texts} captions; ITM re-ranks the ITC top {result.k}")
+    cols = [c for c in result.itc["text_to_image"] if c != "queries"]
+    table.add_column("direction")
+    table.add_column("scores")
+    for c in cols:
+        table.add_column(c)
+    for direction in ("text_to_image", "image_to_text"):
+        for name, metrics in (("ITC", result.itc), ("ITC + ITM", result.itm)):
+            table.add_row(direction.replace("_", " "), name, *(f"{metrics[direction][c]:.2f}" for c in cols))
+    console = Console()
+    console.print(table)
+    _print_skipped(console, result.skipped, "metrics.json")
+    console.print(f"run folder: {run}", soft_wrap=True)

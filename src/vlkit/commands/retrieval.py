@@ -6,6 +6,7 @@ Each is a thin call into `vlkit.retrieval`; heavy imports stay inside the comman
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -155,17 +156,33 @@ def register(app: typer.Typer) -> None:
         target: str = typer.Option("images", "--target", help="Search indexed 'images' or indexed 'captions'."),
         model: Optional[str] = typer.Option(None, "--model", help="Defaults to the index's model."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+        rerank: str = typer.Option("none", "--rerank", help="'itm': re-score the ITC top --rerank-k with a BLIP model's ITM head (BLIP: ITM logit + cosine); text->images and image->captions."),
+        rerank_k: int = typer.Option(128, "--rerank-k", help="With --rerank itm: how many ITC candidates ITM re-scores."),
     ) -> None:
         """Search an index: text->image, image->image, image->text, text->text."""
         from vlkit.retrieval.search import Searcher
 
         if (text is None) == (image is None):
             raise VlkitError("vlkit search: give exactly one of --text or --image")
+        if rerank != "none":
+            from vlkit.commands.blip import check_rerank_search
+
+            check_rerank_search(index, model, rerank, rerank_k, text=text, target=target)
         searcher = Searcher.open(index, model)
-        hits = searcher.search_text(text, k, target) if text is not None else searcher.search_image(image, k, target)
+        skipped: list = []
+        if rerank == "itm":
+            from vlkit.blip.rerank import rerank_search
+
+            hits, skipped = rerank_search(searcher, text=text, image=image, k=k, target=target, rerank_k=rerank_k)
+        else:
+            hits = searcher.search_text(text, k, target) if text is not None else searcher.search_image(image, k, target)
         query = {"text": text} if text is not None else {"image": str(image)}
+        if skipped:
+            print(f"re-ranking skipped {len(skipped)} candidate images that can no longer be read: "
+                  + "; ".join(f"{p}: {r}" for p, r in skipped[:5]), file=sys.stderr)
         if as_json:
-            print(json.dumps({"query": {**query, "k": k, "target": target}, "results": [h.to_dict() for h in hits]}, ensure_ascii=False, indent=2))
+            body = {"query": {**query, "k": k, "target": target, "rerank": rerank}, "results": [h.to_dict() for h in hits]}
+            print(json.dumps(body, ensure_ascii=False, indent=2))
             return
         from rich.console import Console
 
@@ -197,8 +214,15 @@ def register(app: typer.Typer) -> None:
         image_field: str = image_field_opt,
         batch_size: int = typer.Option(64, "--batch-size"),
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where the run folder is created."),
+        rerank: str = typer.Option("none", "--rerank", help="'itm': BLIP's ITC + ITM re-ranking of the ITC top --rerank-k (reported beside ITC alone)."),
+        rerank_k: int = typer.Option(128, "--rerank-k", help="With --rerank itm: candidates per query that ITM re-scores."),
     ) -> None:
         """Recall@1/5/10 (any true match), mean and median rank, text->image and image->text."""
+        if rerank != "none":
+            from vlkit.commands.blip import eval_retrieval_rerank
+
+            eval_retrieval_rerank(data, model, rerank, rerank_k, caption_field, caption_template, image_field, batch_size, runs_dir)
+            return
         from functools import partial
 
         from rich.console import Console
