@@ -322,3 +322,13 @@ def test_cli_bad_arguments_fail_before_any_model_loads(blip_dirs, tiny_clip_dir,
         line = one_error_line(code, err)
         assert msg in line, (args, line)
     assert not runs.exists()
+
+
+def test_python_api_takes_a_spec(blip_dirs, data):
+    from vlkit.blip.captioning import caption_files
+    from vlkit.blip.generate import GREEDY
+    from vlkit.blip.match import match_table
+
+    result = match_table(str(blip_dirs[1]), data, batch_size=4)
+    assert len(result.rows) == 5 and len(result.skipped) == 1
+    assert len(caption_files(str(blip_dirs[2]), [str(p) for p in good_images(data)], GREEDY).records) == 4

@@ -6,6 +6,11 @@ CSV/JSONL tables with an image column (paths relative to the table); every file
 is decoded through vlkit's one image-opening path, a few threads ahead of the
 model; a file that cannot be read is skipped and listed with its reason; the
 captions are written to captions.jsonl atomically.
+
+    from vlkit.blip.captioning import caption_files, resolve_images
+    from vlkit.blip.generate import settings_for
+    run = caption_files("path/to/blip", resolve_images(["photos/"]), settings_for("beam", prompt="a picture of "))
+    run.records[0]["caption"], run.skipped
 """
 
 from __future__ import annotations
@@ -186,7 +191,7 @@ def settings_record(settings: "CaptionSettings", num_captions: int) -> dict[str,
 
 @torch.no_grad()
 def caption_files(
-    loaded: "LoadedBlip",
+    loaded: "LoadedBlip | str",
     paths: Sequence[str | os.PathLike],
     settings: "CaptionSettings",
     *,
@@ -195,7 +200,7 @@ def caption_files(
     num_workers: int = 2,
     progress: bool = False,
 ) -> CaptionRun:
-    """Caption image files in batches (the ViT runs once per batch; beams share its tokens).
+    """Caption image files with a loaded BLIP model (or a spec), in batches (the ViT runs once per batch).
 
     `num_captions` > 1 (nucleus sampling only) draws that many independent captions per
     image, as transformers' `num_return_sequences` does for sampling.
@@ -212,6 +217,10 @@ def caption_files(
     if batch_size < 1:
         raise VlkitError(f"--batch-size {batch_size}: must be at least 1")
     check_num_captions(settings, num_captions)
+    if isinstance(loaded, str):
+        from vlkit.blip.checkpoint import load_blip
+
+        loaded = load_blip(loaded)
     model = loaded.model
     model._need_decoder("captioning")
     device = next(model.parameters()).device

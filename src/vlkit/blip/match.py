@@ -13,9 +13,9 @@ words, at most 35 tokens). Each image is decoded once however many rows name
 it; an image that cannot be read is skipped and listed with its reason, and its
 rows are left out of the output.
 
-    from vlkit.blip.match import read_pairs, match_pairs
-    result = match_pairs(blip, tokenizer, preprocess, read_pairs("pairs.csv"))
-    result.rows[0]["itm_probability"]
+    from vlkit.blip.match import match_table
+    result = match_table("path/to/blip", "pairs.csv")
+    result.rows[0]["itm_probability"], result.skipped
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from vlkit import io
 from vlkit.errors import VlkitError
 
 if TYPE_CHECKING:
+    from vlkit.blip.checkpoint import LoadedBlip
     from vlkit.blip.model import BlipModel
     from vlkit.blip.tokenizer import BlipTokenizer
     from vlkit.models.base import ImagePreprocess, TextBatch
@@ -201,3 +202,21 @@ def write_matches(run_dir: str | os.PathLike, result: MatchResult) -> tuple[Path
     io.write_text(run / "matches.csv", buf.getvalue())
     io.write_text(run / "matches.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows))
     return run / "matches.csv", run / "matches.jsonl"
+
+
+def match_table(
+    model: "LoadedBlip | str",
+    table: str | os.PathLike,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> MatchResult:
+    """`vlkit match` in Python: every row of a CSV/JSONL table scored by a BLIP model (loaded, or a spec)."""
+    pairs = read_pairs(table, image_column, text_column)
+    if isinstance(model, str):
+        from vlkit.blip.checkpoint import load_blip
+
+        model = load_blip(model)
+    return match_pairs(model.model, model.tokenizer, model.preprocess, pairs, batch_size=batch_size, progress=progress)

@@ -15,6 +15,11 @@ on COCO and 128 on Flickr30k; vlkit's default is 128.
 
 Both directions: text -> image re-scores a text against its k nearest images,
 image -> text an image against its k nearest texts.
+
+    from vlkit.blip.rerank import evaluate_retrieval_rerank, rerank_search
+    from vlkit.retrieval import Searcher, read_source
+    evaluate_retrieval_rerank("path/to/blip", read_source("captions.jsonl"), k=128).to_dict()
+    hits, skipped = rerank_search(Searcher.open("my-index"), text="a dog on a beach", k=10)
 """
 
 from __future__ import annotations
@@ -178,7 +183,7 @@ class RerankEval:
 
 @torch.no_grad()
 def evaluate_retrieval_rerank(
-    loaded: "LoadedBlip",
+    loaded: "LoadedBlip | str",
     source: "Source",
     *,
     k: int = DEFAULT_RERANK_K,
@@ -198,6 +203,10 @@ def evaluate_retrieval_rerank(
     from vlkit.retrieval.metrics import ranks_from_scores, summarize_ranks
 
     check_rerank("itm", k)
+    if isinstance(loaded, str):
+        from vlkit.blip.checkpoint import load_blip
+
+        loaded = load_blip(loaded)
     start = time.perf_counter()
     blip = loaded.model
     blip._need_encoder("ITM re-ranking")
