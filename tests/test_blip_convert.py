@@ -283,3 +283,22 @@ def test_broken_or_foreign_pth_is_one_line(tmp_path):
     with pytest.raises(VlkitError, match="no state dict"):
         load_blip(str(tmp_path / "list.pth"))
 
+
+
+def test_blip_kind_reads_configs_not_weights(wide, tok, exported, tmp_path, tiny_clip_dir):
+    from vlkit.blip.checkpoint import blip_kind
+
+    folder, _ = exported
+    assert blip_kind(str(folder)) == "full"
+    assert blip_kind(str(folder / "retrieval")) == "retrieval" and blip_kind(folder / "captioning") == "captioning"
+    save_blip(wide, tok, blip_preprocess(32), tmp_path / "v")
+    assert blip_kind(tmp_path / "v") == "full"
+    save_original(wide, tmp_path / "m.pth")
+    assert blip_kind(tmp_path / "m.pth") == "full"
+    full = torch.load(str(tmp_path / "m.pth"), weights_only=True)["model"]
+    legacy = {k: v for k, v in full.items() if not k.startswith("text_decoder.")}
+    torch.save({"model": legacy}, str(tmp_path / "old.pth"), _use_new_zipfile_serialization=False)  # cannot be mmapped
+    assert blip_kind(tmp_path / "old.pth") == "retrieval"
+    with pytest.raises(VlkitError, match="holds a 'clip' checkpoint") as err:
+        blip_kind(tiny_clip_dir)
+    assert "\n" not in str(err.value)

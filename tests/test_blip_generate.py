@@ -68,6 +68,20 @@ def test_captions_equal_transformers_generate(pair, tok, px, bias, settings):
         assert (ours == SEP).any(dim=1).all()  # the stopping path is exercised
 
 
+@torch.no_grad()
+def test_several_captions_per_image_equal_transformers(pair, tok, px):
+    model, cap = pair
+    settings = replace(BEAM, num_return_sequences=2)
+    with sep_bias(5.0, model, cap):
+        ours = generate(model, model.image_embeds(px), tok, settings).sequences
+        theirs = cap.generate(px, num_beams=3, num_return_sequences=2, max_length=20, min_length=5)
+        assert torch.equal(ours, theirs) and ours.shape[0] == 8
+        texts = caption(model, tok, px, replace(NUCLEUS, num_return_sequences=3))
+    assert len(texts) == 12
+    with pytest.raises(VlkitError, match="at most num_beams"):
+        replace(BEAM, num_return_sequences=4).validate()
+
+
 def _teacher_forced_logprob(model: BlipModel, embeds: torch.Tensor, seq: list[int], start: int) -> float:
     """Sum of log p(token) for seq[start:] given everything before it (one decoder pass)."""
     ids = torch.tensor([seq])
@@ -151,6 +165,26 @@ def test_bad_settings_are_one_line(bad, message):
     with pytest.raises(VlkitError, match=message) as err:
         CaptionSettings(**bad).validate()
     assert "\n" not in str(err.value)
+
+
+@torch.no_grad()
+def test_caption_images_batches_pil_images(pair, tok):
+    from PIL import Image
+
+    from vlkit.blip.checkpoint import LoadedBlip, blip_preprocess
+    from vlkit.blip.generate import caption_images
+    from vlkit.models.preprocess import PilImagePreprocess
+
+    model, _ = pair
+    loaded = LoadedBlip(model, tok, PilImagePreprocess(blip_preprocess(32)), "tiny", "test")
+    images = [Image.new("RGB", (40 + 7 * i, 30), (40 * i, 255 - 50 * i, 90)) for i in range(5)]
+    stacked = torch.stack([loaded.preprocess(im) for im in images])
+    with sep_bias(5.0, model):
+        assert caption_images(loaded, images, GREEDY, batch_size=2) == caption(model, tok, stacked, GREEDY)
+        sampled = caption_images(loaded, images, NUCLEUS, batch_size=2)
+        assert caption_images(loaded, images, NUCLEUS, batch_size=2) == sampled and len(sampled) == 5
+    with pytest.raises(VlkitError, match="batch size"):
+        caption_images(loaded, images, GREEDY, batch_size=0)
 
 
 def test_retrieval_only_model_cannot_caption(tok, px):

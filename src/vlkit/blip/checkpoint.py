@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -367,6 +367,49 @@ def _resolve(spec: str) -> Path:
         except (LocalEntryNotFoundError, OSError, ValueError):
             pass
     raise VlkitError(f"BLIP model {spec!r}: not found (no such file or folder, embedded name or cached Hugging Face id); {WHAT_BLIP_NEEDS}")
+
+
+BlipKind = Literal["retrieval", "captioning", "full"]
+
+
+def blip_kind(spec: str | Path) -> BlipKind:
+    """What a BLIP checkpoint holds, read from its configs (a .pth: its tensor names), before loading weights.
+
+    "retrieval": ITC/ITM only (no decoder); "captioning": decoder only (no ITC/ITM);
+    "full": both. Anything that is not BLIP is a one-line `VlkitError` naming what it is.
+    """
+    spec = str(spec).strip()
+    if not spec:
+        raise VlkitError(f"BLIP model spec is empty; {WHAT_BLIP_NEEDS}")
+    path = _resolve(spec)
+    if path.is_file():
+        if path.suffix not in (".pth", ".pt", ".bin"):
+            raise VlkitError(f"{path}: a {path.suffix or 'suffix-less'} file; {WHAT_BLIP_NEEDS}")
+        from vlkit.blip.convert import read_state
+
+        names = read_state(path, mmap=True).keys()
+        parts = {"encoder": any(n.startswith("text_encoder.") for n in names), "decoder": any(n.startswith("text_decoder.") for n in names)}
+        if not any(parts.values()) or not any(n.startswith("visual_encoder.") for n in names):
+            raise VlkitError(f"{path}: no BLIP vision encoder and text encoder/decoder in it; not a BLIP checkpoint")
+    elif (path / "config.json").is_file():
+        cfg = _read_config(path)
+        if cfg.get("format") == FORMAT:
+            present = set(cfg.get("parts") or [])
+            parts = {"encoder": "encoder" in present, "decoder": "decoder" in present}
+        else:
+            part = hf_blip_part(path, cfg)
+            parts = {"encoder": part == "retrieval", "decoder": part == "captioning"}
+    else:
+        halves = [name for name in ("retrieval", "captioning") if (path / name / "config.json").is_file()]
+        if not halves:
+            raise VlkitError(f"{path}: no config.json (nor retrieval/ or captioning/ folders); {WHAT_BLIP_NEEDS}")
+        for name in halves:
+            if hf_blip_part(path / name) != name:
+                raise VlkitError(f"{path / name}: does not hold a BLIP {name} checkpoint")
+        parts = {"encoder": "retrieval" in halves, "decoder": "captioning" in halves}
+    if parts["encoder"] and parts["decoder"]:
+        return "full"
+    return "retrieval" if parts["encoder"] else "captioning"
 
 
 def load_blip(spec: str | Path, device: str | torch.device = "cpu") -> LoadedBlip:

@@ -97,11 +97,14 @@ def hf_to_original_name(name: str) -> str:
 # ---------------------------------------------------------------- reading
 
 
-def read_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict in an original BLIP file (`{"model": ...}` or a bare state dict), tensors only."""
+def read_state(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict in an original BLIP file (`{"model": ...}` or a bare state dict), tensors only.
+
+    `mmap=True` maps the tensors instead of reading them (enough to look at names and shapes).
+    """
     path = Path(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(exc))
         what = f" (it pickles {found.group(1)})" if found else ""
@@ -110,6 +113,8 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
             "torch.load(weights_only=True) and never unpickles code: re-save its state dict alone"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        if mmap and "mmap" in str(exc):  # a legacy (pre-zip) torch file cannot be mapped: read it
+            return read_state(path)
         reason = re.split(r"(?<=\.)\s", str(exc).strip(), maxsplit=1)[0][:160] if str(exc).strip() else type(exc).__name__
         raise VlkitError(f"{path}: cannot be read as a torch checkpoint ({reason}); check the file is complete") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None

@@ -62,6 +62,7 @@ class CaptionSettings:
     top_k: int = 50
     prompt: str = ""
     seed: int = 0  # nucleus sampling only: one seeded stream per `caption` call
+    num_return_sequences: int = 1  # captions per image: the K best beams (K <= num_beams), or K samples
 
     def validate(self) -> "CaptionSettings":
         """One-line errors for settings transformers would reject later, or silently misread."""
@@ -75,6 +76,12 @@ class CaptionSettings:
             raise VlkitError(f"top_p {self.top_p}: must be in (0, 1]")
         if self.top_k < 0:
             raise VlkitError(f"top_k {self.top_k}: must be >= 0 (0 turns it off)")
+        if self.num_return_sequences < 1:
+            raise VlkitError(f"num_return_sequences {self.num_return_sequences}: must be at least 1")
+        if self.method == "beam" and self.num_return_sequences > self.num_beams:
+            raise VlkitError(
+                f"num_return_sequences {self.num_return_sequences}: beam search returns at most num_beams ({self.num_beams}) captions per image"
+            )
         if self.repetition_penalty <= 0:
             raise VlkitError(f"repetition_penalty {self.repetition_penalty}: must be > 0 (1.0 is none)")
         return self
@@ -90,7 +97,8 @@ GREEDY = CaptionSettings(num_beams=1)
 
 @dataclass
 class Generated:
-    """Token ids [B, L] as transformers returns them ([DEC], prompt, caption, [SEP], pads)."""
+    """Token ids [B*K, L] as transformers returns them ([DEC], prompt, caption, [SEP], pads), K = num_return_sequences
+    rows per image, grouped by image (image i: rows i*K .. i*K+K-1; beams best first)."""
 
     sequences: torch.Tensor
     prompt_length: int
@@ -136,6 +144,7 @@ def generate(
         eos_token_id=model.sep_token_id,
         pad_token_id=model.pad_token_id,
         repetition_penalty=settings.repetition_penalty,
+        num_return_sequences=settings.num_return_sequences,
         return_dict_in_generate=True,
         output_scores=return_scores,
     )
@@ -164,7 +173,8 @@ def caption(
     pixel_values: torch.Tensor,
     settings: CaptionSettings = BEAM,
 ) -> list[str]:
-    """Captions for a batch of preprocessed images [B, 3, H, W] (the ViT runs once on the batch)."""
+    """Captions for a batch of preprocessed images [B, 3, H, W] (the ViT runs once on the batch);
+    B*K strings with K = `num_return_sequences`, grouped by image."""
     settings.validate()
     model._need_decoder("captioning")
     return decode(tokenizer, generate(model, model.image_embeds(pixel_values), tokenizer, settings))
@@ -177,7 +187,8 @@ def caption_images(
     settings: CaptionSettings = BEAM,
     batch_size: int = 16,
 ) -> list[str]:
-    """Captions for PIL images with a `LoadedBlip` (model, tokenizer, preprocess), in batches.
+    """Captions for PIL images with a `LoadedBlip` (model, tokenizer, preprocess), in batches
+    (K = `num_return_sequences` per image, grouped by image).
 
     Nucleus sampling draws from one stream seeded once per call, so the same
     images in the same batches give the same captions.
