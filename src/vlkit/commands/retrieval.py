@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import typer
 
+from vlkit.commands import validate
 from vlkit.errors import VlkitError
 
 DEFAULT_MODEL = "vlkit-tiny"
@@ -74,6 +75,13 @@ def _hits_table(hits: list, title: str):
     return table
 
 
+def _check_add_args(chunk_size: int, batch_size: int, ray_workers: int, caption_template: Optional[str]) -> None:
+    validate.at_least("--chunk-size", chunk_size)
+    validate.at_least("--batch-size", batch_size)
+    validate.at_least("--ray-workers", ray_workers)
+    validate.caption_template("--caption-template", caption_template)
+
+
 def register(app: typer.Typer) -> None:
     index_app = typer.Typer(help="Build and grow retrieval indexes.", no_args_is_help=True)
     app.add_typer(index_app, name="index")
@@ -102,9 +110,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Embed images (and their captions) and build a faiss index; rerun to resume."""
         from vlkit.retrieval.collection import read_source
-        from vlkit.retrieval.index import build_index
+        from vlkit.retrieval.index import INDEX_TYPES, build_index, preflight_build
 
+        _check_add_args(chunk_size, batch_size, ray_workers, caption_template)
+        validate.choice("--index-type", index_type, INDEX_TYPES)
+        validate.out_folder("--out", out)
+        validate.existing("--image-root", image_root, "folder")
         source = read_source(images, image_field=image_field, caption_field=caption_field, caption_template=caption_template)
+        preflight_build(out, source, image_root=image_root, index_type=index_type, chunk_size=chunk_size)
         report = build_index(
             out,
             _load_model(model),
@@ -135,6 +148,7 @@ def register(app: typer.Typer) -> None:
         from vlkit.retrieval.collection import read_source
         from vlkit.retrieval.index import add_images, read_manifest
 
+        _check_add_args(chunk_size, batch_size, ray_workers, caption_template)
         spec = model or read_manifest(index)["model"]["spec"]
         source = read_source(images, image_field=image_field, caption_field=caption_field, caption_template=caption_template)
         report = add_images(
@@ -160,15 +174,31 @@ def register(app: typer.Typer) -> None:
         rerank_k: int = typer.Option(128, "--rerank-k", help="With --rerank itm: how many ITC candidates ITM re-scores."),
     ) -> None:
         """Search an index: text->image, image->image, image->text, text->text."""
-        from vlkit.retrieval.search import Searcher
+        from vlkit.retrieval.index import RetrievalIndex
+        from vlkit.retrieval.search import TARGETS, Searcher
 
         if (text is None) == (image is None):
             raise VlkitError("vlkit search: give exactly one of --text or --image")
+        if text is not None and not text.strip():
+            raise VlkitError("--text: empty; give some words to search for")
+        validate.at_least("-k", k)
+        validate.choice("--target", target, TARGETS)
         if rerank != "none":
             from vlkit.commands.blip import check_rerank_search
 
             check_rerank_search(index, model, rerank, rerank_k, text=text, target=target)
-        searcher = Searcher.open(index, model)
+        if image is not None:
+            from vlkit.data.images import probe_image
+
+            probe_image(image)  # a missing, empty, non-image or oversized query fails before the model loads
+        opened = RetrievalIndex(index)
+        size = len(opened.collection(target).items)
+        if k > size:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"-k {k}: the index holds {size} {target}; showing all {size}", markup=False, highlight=False)
+            k = size
+        searcher = Searcher(opened, _load_model(model or opened.model_spec))
         skipped: list = []
         if rerank == "itm":
             from vlkit.blip.rerank import rerank_search
@@ -194,16 +224,29 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 127.0.0.1 keeps it local."),
         port: int = typer.Option(8000, "--port"),
         model: Optional[str] = typer.Option(None, "--model", help="Defaults to the index's model."),
-        max_k: int = typer.Option(100, "--max-k"),
-        max_query_chars: int = typer.Option(256, "--max-query-chars"),
-        max_upload_mb: float = typer.Option(5.0, "--max-upload-mb"),
+        max_k: int = typer.Option(100, "--max-k", help="Largest k a query may ask for."),
+        max_query_chars: int = typer.Option(256, "--max-query-chars", help="Longest text query."),
+        max_upload_mb: float = typer.Option(5.0, "--max-upload-mb", help="Largest uploaded query image, in MiB (refused before it is read whole)."),
+        max_image_mp: float = typer.Option(16.0, "--max-image-mp", help="Most decoded megapixels per uploaded query (JPEGs above are decoded at reduced scale, other formats refused)."),
     ) -> None:
         """Serve a search page and JSON API over an index."""
+        from vlkit.retrieval.index import RetrievalIndex
         from vlkit.retrieval.search import Searcher
         from vlkit.retrieval.server import Limits, serve as run_server
 
-        limits = Limits(max_query_chars=max_query_chars, max_k=max_k, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
-        run_server(Searcher.open(index, model), host=host, port=port, limits=limits)
+        validate.listen(host, port)
+        validate.at_least("--max-k", max_k)
+        validate.at_least("--max-query-chars", max_query_chars)
+        validate.positive("--max-upload-mb", max_upload_mb)
+        validate.positive("--max-image-mp", max_image_mp)
+        try:
+            import fastapi, multipart, uvicorn  # noqa: F401, E401
+        except ImportError:
+            raise VlkitError("vlkit serve: the 'serve' extra is not installed; `pip install 'vlkit[serve]'`") from None
+        limits = Limits(max_query_chars=max_query_chars, max_k=max_k, max_upload_bytes=max(1, int(max_upload_mb * 1024 * 1024)),
+                        max_pixels=max(1, int(max_image_mp * 1_000_000)))
+        opened = RetrievalIndex(index)  # a missing or damaged index fails before the model loads
+        run_server(Searcher(opened, _load_model(model or opened.model_spec)), host=host, port=port, limits=limits)
 
     @eval_app.command("retrieval")
     def eval_retrieval(
@@ -233,6 +276,9 @@ def register(app: typer.Typer) -> None:
         from vlkit.retrieval.evaluate import as_dict, evaluate_retrieval
         from vlkit.retrieval.index import embed_images_local
 
+        validate.at_least("--batch-size", batch_size)
+        validate.caption_template("--caption-template", caption_template)
+        validate.out_folder("--runs-dir", runs_dir)
         source = read_source(data, image_field=image_field, caption_field=caption_field, caption_template=caption_template)
         vl = _load_model(model)
         result = evaluate_retrieval(vl, source, embedder=partial(embed_images_local, batch_size=batch_size))
