@@ -185,22 +185,29 @@ def test_nucleus_captions_are_seeded_and_several_per_image(loaded, data):
     assert [r["caption"] for r in caption_files(loaded, paths, settings, batch_size=2).records] == [r["caption"] for r in a.records]
     other = caption_files(loaded, paths, settings_for("nucleus", seed=8), batch_size=2)
     assert [r["caption"] for r in other.records] != [r["caption"] for r in a.records]
-    three = caption_files(loaded, paths, settings, batch_size=2, num_captions=3)
+    three = caption_files(loaded, paths, settings_for("nucleus", seed=7, num_return_sequences=3), batch_size=2)
     assert all(len(r["captions"]) == 3 and r["caption"] == r["captions"][0] for r in three.records)
     assert len({c for r in three.records for c in r["captions"]}) > len(paths)  # the samples differ
     assert three.records[0]["settings"]["top_p"] == 0.9 and three.records[0]["settings"]["repetition_penalty"] == 1.1
 
 
-def test_caption_argument_errors(loaded, data):
-    from vlkit.blip.captioning import caption_files, check_num_captions
-    from vlkit.blip.generate import BEAM, settings_for
+def test_caption_batch_size_error(loaded, data):
+    from vlkit.blip.captioning import caption_files
+    from vlkit.blip.generate import BEAM
 
-    with pytest.raises(VlkitError, match="--num-captions 2: beam search gives one caption"):
-        check_num_captions(BEAM, 2)
-    with pytest.raises(VlkitError, match="--num-captions 0"):
-        check_num_captions(settings_for("nucleus"), 0)
     with pytest.raises(VlkitError, match="--batch-size 0"):
         caption_files(loaded, [str(p) for p in good_images(data)], BEAM, batch_size=0)
+
+
+def test_best_beams(loaded, data):
+    from vlkit.blip.captioning import caption_files
+    from vlkit.blip.generate import BEAM, settings_for
+
+    paths = [str(p) for p in good_images(data)]
+    best = caption_files(loaded, paths, BEAM, batch_size=2)
+    two = caption_files(loaded, paths, settings_for("beam", num_return_sequences=2), batch_size=2)
+    assert [r["captions"][0] for r in two.records] == [r["caption"] for r in best.records]
+    assert all(len(set(r["captions"])) == 2 for r in two.records) and two.records[0]["settings"]["num_captions"] == 2
 
 
 def test_write_captions_is_jsonl(loaded, data, tmp_path):
@@ -297,7 +304,7 @@ def test_cli_bad_arguments_fail_before_any_model_loads(blip_dirs, tiny_clip_dir,
     runs = tmp_path / "runs"
     cases = [
         (["caption", img, "--model", tiny_clip_dir], "holds a 'clip' checkpoint"),
-        (["caption", img, "--model", retrieval], "has no text decoder (needed to caption)"),
+        (["caption", img, "--model", retrieval], "this BLIP retrieval checkpoint has no text decoder (needed to caption)"),
         (["caption", img, "--model", tmp_path / "no-such-model"], "not found"),
         (["caption", img, "--model", "no-such-model"], "not found"),
         (["caption", img, "--model", parent, "--beam", "2", "--sample"], "pick one decoding method"),
@@ -305,14 +312,15 @@ def test_cli_bad_arguments_fail_before_any_model_loads(blip_dirs, tiny_clip_dir,
         (["caption", img, "--model", parent, "--sample", "--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
         (["caption", img, "--model", parent, "--beam", "0"], "--beam 0: must be at least 1"),
         (["caption", img, "--model", parent, "--min-length", "9", "--max-length", "8"], "--min-length 9: is above --max-length 8"),
-        (["caption", img, "--model", parent, "--num-captions", "2"], "--num-captions 2: beam search gives one caption"),
+        (["caption", img, "--model", parent, "--num-captions", "4"], "--num-captions 4: beam search returns at most --beam 3"),
+        (["caption", img, "--model", parent, "--num-captions", "0"], "--num-captions 0: must be at least 1"),
         (["caption", img, "--model", parent, "--batch-size", "0"], "--batch-size 0: must be at least 1"),
         (["caption", img, "--model", parent, "--repetition-penalty", "nan"], "--repetition-penalty nan"),
         (["caption", img, "--model", parent, "--device", "banana"], "--device 'banana': not a device"),
         (["caption", img, "--model", parent, "--out", afile], "is an existing file"),
         (["caption", tmp_path / "missing.png", "--model", parent], "does not exist"),
         (["match", "--model", tiny_clip_dir, "--data", data], "holds a 'clip' checkpoint"),
-        (["match", "--model", captioning, "--data", data], "has no text encoder and ITM head (needed to match)"),
+        (["match", "--model", captioning, "--data", data], "this BLIP captioning checkpoint has no text encoder and ITM head (needed to match)"),
         (["match", "--model", parent, "--data", data, "--text-column", "caption"], "no column 'caption' (--text-column); columns present: image, text"),
         (["match", "--model", parent, "--data", tmp_path / "none.csv"], "table does not exist"),
     ]
@@ -332,3 +340,19 @@ def test_python_api_takes_a_spec(blip_dirs, data):
     result = match_table(str(blip_dirs[1]), data, batch_size=4)
     assert len(result.rows) == 5 and len(result.skipped) == 1
     assert len(caption_files(str(blip_dirs[2]), [str(p) for p in good_images(data)], GREEDY).records) == 4
+
+
+def test_links_that_lead_nowhere_are_skipped_and_listed(loaded, data, tmp_path):
+    import os
+
+    from vlkit.blip.captioning import caption_files, resolve_images
+    from vlkit.blip.generate import GREEDY
+
+    img = data.parent / "img"
+    os.symlink(tmp_path / "gone.png", img / "dangling.png")
+    os.symlink(img / "loop.png", img / "loop.png")
+    run = caption_files(loaded, resolve_images([img]), GREEDY, batch_size=4)
+    reasons = {Path(p).name: r for p, r in run.skipped}
+    assert set(reasons) == {"broken.png", "dangling.png", "loop.png"}
+    assert "dangling symlink" in reasons["dangling.png"] and "symlink loop" in reasons["loop.png"]
+    assert len(run.records) == 4

@@ -110,10 +110,16 @@ def pixel_batches(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[PixelBatch]:
     """Batches of decoded, preprocessed images in input order; unusable files are appended to `skipped` as (path, reason)."""
+    from vlkit.data.paths import check_path
     from vlkit.features import _loader, _ordered
 
     names = [os.fspath(p) for p in paths]
-    load = _loader(_Preprocessing(preprocess), max_pixels)  # type: ignore[arg-type]
+    decode = _loader(_Preprocessing(preprocess), max_pixels)  # type: ignore[arg-type]
+
+    def load(name: str) -> tuple[torch.Tensor | None, str | None]:
+        reason = check_path(name)  # symlink loops, dangling links, folders: vlkit's one path judge
+        return (None, reason) if reason is not None else decode(name)
+
     pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="vlkit-blip-decode") if num_workers > 0 and names else None
     try:
         index: list[int] = []
@@ -160,7 +166,6 @@ class CaptionRun:
     records: list[dict[str, Any]]
     skipped: list[tuple[str, str]]
     settings: "CaptionSettings"
-    num_captions: int
     batch_size: int
     seconds: float
 
@@ -175,14 +180,14 @@ class CaptionRun:
         }
 
 
-def settings_record(settings: "CaptionSettings", num_captions: int) -> dict[str, Any]:
+def settings_record(settings: "CaptionSettings") -> dict[str, Any]:
     """The decoding settings that shape a caption, as written on every captions.jsonl line."""
     common = {
         "max_length": settings.max_length,
         "min_length": settings.min_length,
         "repetition_penalty": settings.repetition_penalty,
         "prompt": settings.prompt,
-        "num_captions": num_captions,
+        "num_captions": settings.num_return_sequences,
     }
     if settings.method == "beam":
         return {"num_beams": settings.num_beams, **common}
@@ -196,14 +201,13 @@ def caption_files(
     settings: "CaptionSettings",
     *,
     batch_size: int = 16,
-    num_captions: int = 1,
     num_workers: int = 2,
     progress: bool = False,
 ) -> CaptionRun:
     """Caption image files with a loaded BLIP model (or a spec), in batches (the ViT runs once per batch).
 
-    `num_captions` > 1 (nucleus sampling only) draws that many independent captions per
-    image, as transformers' `num_return_sequences` does for sampling.
+    `settings.num_return_sequences` = K > 1 gives K captions per image (the K best beams,
+    or K samples), the first in `caption`, all in `captions`.
 
     Nucleus sampling draws from one stream seeded once per run with `settings.seed`, each
     batch reseeded from it (as `vlkit.blip.generate.caption_images`), so the same files,
@@ -216,7 +220,6 @@ def caption_files(
     settings.validate()
     if batch_size < 1:
         raise VlkitError(f"--batch-size {batch_size}: must be at least 1")
-    check_num_captions(settings, num_captions)
     if isinstance(loaded, str):
         from vlkit.blip.checkpoint import load_blip
 
@@ -227,7 +230,8 @@ def caption_files(
     records: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     names = [os.fspath(p) for p in paths]
-    method = settings_record(settings, num_captions)
+    method = settings_record(settings)
+    num_captions = settings.num_return_sequences
     start = time.perf_counter()
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), progress_bar(progress, len(names), "captioning") as advance:
@@ -238,8 +242,6 @@ def caption_files(
             if settings.method == "nucleus":
                 run = replace(settings, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
             embeds = model.image_embeds(batch.pixels.to(device))
-            if num_captions > 1:  # K independent samples per image: each image's tokens K times, rows grouped per image
-                embeds = embeds.repeat_interleave(num_captions, dim=0)
             texts = decode(loaded.tokenizer, generate(model, embeds, loaded.tokenizer, run))
             for k, i in enumerate(batch.index):
                 caps = texts[k * num_captions : (k + 1) * num_captions]
@@ -249,15 +251,7 @@ def caption_files(
                 records.append({**rec, "method": settings.method, "settings": method})
             advance(len(batch.index) + len(skipped) - seen)
             seen = len(skipped)
-    return CaptionRun(records, skipped, settings, num_captions, batch_size, time.perf_counter() - start)
-
-
-def check_num_captions(settings: "CaptionSettings", num_captions: int) -> None:
-    if num_captions < 1:
-        raise VlkitError(f"--num-captions {num_captions}: must be at least 1")
-    if settings.method == "beam" and num_captions > 1:
-        # vlkit.blip.generate returns each image's best beam only
-        raise VlkitError(f"--num-captions {num_captions}: beam search gives one caption per image (its best beam); use --sample for several")
+    return CaptionRun(records, skipped, settings, batch_size, time.perf_counter() - start)
 
 
 def write_captions(run_dir: str | os.PathLike, run: CaptionRun) -> Path:

@@ -45,35 +45,14 @@ _NEEDS = {
 }
 
 
-def blip_parts(spec: str) -> set[str] | None:
-    """The parts ("encoder", "decoder") a BLIP checkpoint holds, read from its config files without loading weights.
-
-    None for an original BLIP .pth (only loading tells); a CLIP or other non-BLIP folder, or a
-    spec that names nothing, is a one-line VlkitError.
-    """
-    from vlkit.blip.checkpoint import FORMAT, _read_config, _resolve, hf_blip_part
-
-    path = _resolve(spec)
-    if path.is_file():
-        return None
-    if (path / "config.json").is_file():
-        cfg = _read_config(path)
-        if cfg.get("format") == FORMAT:
-            return set(cfg.get("parts") or [])
-        return {"encoder"} if hf_blip_part(path, cfg) == "retrieval" else {"decoder"}
-    parts = set()
-    for sub, part in (("retrieval", "encoder"), ("captioning", "decoder")):
-        if (path / sub / "config.json").is_file() and hf_blip_part(path / sub) == sub:
-            parts.add(part)
-    return parts or None
-
-
 def check_blip_model(spec: str, need: str, flag: str = "--model") -> None:
-    """Refuse, before any weights load, a model that is not BLIP or lacks the part `need`."""
-    parts = blip_parts(spec)
-    if parts is not None and need not in parts:
+    """Refuse, before any weights load, a model that is not BLIP or lacks the part `need` (read from its config files)."""
+    from vlkit.blip.checkpoint import blip_kind
+
+    kind = blip_kind(spec)
+    if kind != "full" and kind != {"decoder": "captioning", "encoder": "retrieval"}[need]:
         what, cls = _NEEDS[need]
-        raise VlkitError(f"{flag} {spec}: this BLIP checkpoint has no {what}; give a {cls} checkpoint or a full BLIP model")
+        raise VlkitError(f"{flag} {spec}: this BLIP {kind} checkpoint has no {what}; give a {cls} checkpoint or a full BLIP model")
 
 
 def _load(spec: str, device: str, need: str):
@@ -85,35 +64,6 @@ def _load(spec: str, device: str, need: str):
         what, cls = _NEEDS[need]
         raise VlkitError(f"--model {spec}: this BLIP checkpoint has no {what}; give a {cls} checkpoint or a full BLIP model")
     return loaded
-
-
-def _at_least(flag: str, value: int | None, minimum: int = 1) -> None:
-    if value is not None and value < minimum:
-        raise VlkitError(f"{flag} {value}: must be at least {minimum}")
-
-
-def _device(value: str) -> str:
-    """cpu, or a CUDA/MPS device this machine has."""
-    import re
-
-    import torch
-
-    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", value.strip())
-    if not m or (m.group(1) != "cuda" and m.group(2) is not None):
-        raise VlkitError(f"--device {value!r}: not a device; use cpu, cuda, cuda:N or mps")
-    if m.group(1) == "cuda":
-        if not torch.cuda.is_available():
-            raise VlkitError(f"--device {value}: CUDA is not available here; use --device cpu")
-        if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
-            raise VlkitError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA devices")
-    if m.group(1) == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise VlkitError(f"--device {value}: MPS is not available here; use --device cpu")
-    return value.strip()
-
-
-def _out_folder(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise VlkitError(f"--out {out}: is an existing file; give a folder (it is created if missing)")
 
 
 def caption(
@@ -136,25 +86,28 @@ def caption(
 ) -> None:
     """Caption images with BLIP: writes captions.jsonl, config.json and metrics.json (skipped files listed) to a run folder."""
     from vlkit import runs
-    from vlkit.blip.captioning import caption_files, check_num_captions, resolve_images, settings_record, write_captions
+    from vlkit.blip.captioning import caption_files, resolve_images, settings_record, write_captions
     from vlkit.blip.generate import settings_for
+    from vlkit.commands import validate
 
     # every argument first: a typo costs a second, not a model load
     if sample and beam is not None:
         raise VlkitError("--beam and --sample: pick one decoding method (beam search or nucleus sampling)")
     if top_p is not None and not sample:
         raise VlkitError(f"--top-p {top_p}: applies to nucleus sampling only; add --sample")
-    _at_least("--beam", beam)
-    _at_least("--batch-size", batch_size)
-    _at_least("--max-length", max_length, 2)
-    _at_least("--min-length", min_length, 0)
+    validate.at_least("--beam", beam)
+    validate.at_least("--batch-size", batch_size)
+    validate.at_least("--max-length", max_length, 2)
+    validate.at_least("--min-length", min_length, 0)
+    validate.at_least("--num-captions", num_captions)
+    if not sample and num_captions > (beam or 3):
+        raise VlkitError(f"--num-captions {num_captions}: beam search returns at most --beam {beam or 3} captions per image; raise --beam or use --sample")
     if min_length > max_length:
         raise VlkitError(f"--min-length {min_length}: is above --max-length {max_length}")
     if top_p is not None and not (0 < top_p <= 1):
         raise VlkitError(f"--top-p {top_p}: must be in (0, 1]")
-    if repetition_penalty is not None and not (0 < repetition_penalty < float("inf")):
-        raise VlkitError(f"--repetition-penalty {repetition_penalty}: must be a number above 0 (1.0 is none)")
-    overrides = {"max_length": max_length, "min_length": min_length, "seed": seed}
+    validate.positive("--repetition-penalty", repetition_penalty)
+    overrides = {"max_length": max_length, "min_length": min_length, "seed": seed, "num_return_sequences": num_captions}
     if beam is not None:
         overrides["num_beams"] = beam
     if top_p is not None:
@@ -162,14 +115,13 @@ def caption(
     if repetition_penalty is not None:
         overrides["repetition_penalty"] = repetition_penalty
     settings = settings_for("nucleus" if sample else "beam", prompt, **overrides)
-    check_num_captions(settings, num_captions)
-    device = _device(device)
-    _out_folder(out)
+    device = validate.device("--device", device)
+    validate.out_folder("--out", out)
     paths = resolve_images(images, image_column)
     check_blip_model(model, "decoder")
 
     loaded = _load(model, device, "decoder")
-    result = caption_files(loaded, paths, settings, batch_size=batch_size, num_captions=num_captions, progress=progress)
+    result = caption_files(loaded, paths, settings, batch_size=batch_size, progress=progress)
     if not result.records:
         first = result.skipped[0]
         raise VlkitError(f"none of the {len(result.skipped)} images could be read (e.g. {first[0]}: {first[1]}); nothing was written")
@@ -178,7 +130,7 @@ def caption(
         "images": [str(p) for p in images],
         "model": model,
         "method": settings.method,
-        **settings_record(settings, num_captions),
+        **settings_record(settings),
         "batch_size": batch_size,
         "image_column": image_column,
         "device": device,
@@ -231,10 +183,11 @@ def match(
     """ITM probability (softmax of the ITM logits, "match" column) and ITC cosine of every image-text row: matches.csv + matches.jsonl."""
     from vlkit import runs
     from vlkit.blip.match import match_pairs, read_pairs, write_matches
+    from vlkit.commands import validate
 
-    _at_least("--batch-size", batch_size)
-    device = _device(device)
-    _out_folder(out)
+    validate.at_least("--batch-size", batch_size)
+    device = validate.device("--device", device)
+    validate.out_folder("--out", out)
     pairs = read_pairs(data, image_column, text_column)
     check_blip_model(model, "encoder")
 
@@ -359,11 +312,13 @@ def eval_retrieval_rerank(
 
     from vlkit import runs
     from vlkit.blip.rerank import check_rerank, evaluate_retrieval_rerank
+    from vlkit.commands import validate
     from vlkit.retrieval.collection import read_source
 
     check_rerank(rerank, rerank_k)
-    _at_least("--batch-size", batch_size)
-    _out_folder(runs_dir)
+    validate.at_least("--batch-size", batch_size)
+    validate.caption_template("--caption-template", caption_template)
+    validate.out_folder("--runs-dir", runs_dir)
     check_blip_model(model, "encoder")
     source = read_source(data, image_field=image_field, caption_field=caption_field, caption_template=caption_template)
     loaded = _load(model, "cpu", "encoder")
