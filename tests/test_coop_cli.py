@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -42,18 +43,23 @@ def test_train_then_predict_then_words(tmp_path, folder, tiny_clip_dir, capsys, 
     assert metrics["epochs"] == 2 and len(metrics["history"]) == 2
     assert (run / "nearest_words.txt").read_text().count("ctx ") == 4
 
-    out_csv = tmp_path / "pred.csv"
     code, cap = _run(["predict", "--prompt", str(run / "prompt"), "--images", str(folder / "cat"), "--top-k", "2",
-                      "--out", str(out_csv)], capsys)
+                      "--out", str(tmp_path / "pred")], capsys)
     assert code in (0, None)
-    lines = cap.out.strip().splitlines()
-    assert len(lines) == 3 and all(line.split("\t")[1].split(":")[0] in {"cat", "dog"} for line in lines)
-    assert out_csv.read_text().splitlines()[0] == "path,top1,top2"
+    assert cap.out.startswith("classified 3 images (0 skipped)") and len(cap.out.splitlines()) == 4  # a summary, not a line per image
+    (pred,) = list((tmp_path / "pred").iterdir())
+    rows = list(csv.DictReader(open(pred / "predictions.csv", encoding="utf-8")))
+    assert list(rows[0]) == ["path", "prediction", "probability", "top1", "top1_probability", "top2", "top2_probability"]
+    assert len(rows) == 3 and all(r["prediction"] == r["top1"] in {"cat", "dog"} for r in rows)
+    assert all(abs(float(r["top1_probability"]) + float(r["top2_probability"]) - 1) < 1e-5 for r in rows)
+    records = json.loads((pred / "predictions.json").read_text())
+    assert [r["path"] for r in records] == [r["path"] for r in rows] and records[0]["top"][0]["class"] == rows[0]["top1"]
 
     # a unified prompt applies to new class names
     code, cap = _run(["predict", "--prompt", str(run / "prompt"), "--images", str(folder / "dog" / "0.png"),
-                      "--classes", "bird,car,tree"], capsys)
-    assert code in (0, None) and cap.out.split("\t")[1].split(":")[0] in {"bird", "car", "tree"}
+                      "--classes", "bird,car,tree", "--out", str(tmp_path / "pred2")], capsys)
+    (pred,) = list((tmp_path / "pred2").iterdir())
+    assert code in (0, None) and json.loads((pred / "predictions.json").read_text())[0]["prediction"] in {"bird", "car", "tree"}
 
     code, cap = _run(["coop", "words", "--prompt", str(run / "prompt"), "--k", "2"], capsys)
     assert code in (0, None) and "nearest words:" in cap.out

@@ -186,7 +186,7 @@ def test_truncated_jpeg_is_bad_not_grey(tmp_path):
 def test_missing_and_directory(tmp_path):
     with pytest.raises(BadImage, match="file not found"):
         load_image(tmp_path / "nope.jpg")
-    with pytest.raises(BadImage, match="not a regular file"):
+    with pytest.raises(BadImage, match="is a folder, not an image file"):
         load_image(tmp_path)
 
 

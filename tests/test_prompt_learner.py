@@ -53,7 +53,7 @@ def test_photo_of_a_context_gives_exactly_zero_shot_logits(model):
     img = _image_features(model)
     with torch.no_grad():
         coop = model.logit_scale * img @ learner.text_features(model).t()
-    zs = zeroshot.logits(model, img, zeroshot.zeroshot_classifier(model, CLASSES, "single", cache=False))
+    zs = zeroshot.logits(model, img, zeroshot.zeroshot_classifier(model, CLASSES, "photo", cache=False))
     assert (coop - zs).abs().max().item() <= 1e-5
     # and the token ids are exactly the tokenizer's, up to the (cut) padding
     ref = model.tokenize([f"a photo of a {c.replace('_', ' ')}." for c in CLASSES])

@@ -192,7 +192,7 @@ def test_openai_templates_are_the_80_imagenet_prompts():
     assert len(t) == 80 and len(set(t)) == 80
     assert t[0] == "a bad photo of a {}." and t[-1] == "a tattoo of the {}."
     assert "itap of my {}." in t and all("{}" in x for x in t)
-    assert zeroshot.resolve_templates("single") == ["a photo of a {}."]
+    assert zeroshot.resolve_templates("photo") == ["a photo of a {}."]
 
 
 def test_templates_from_file_and_list(tmp_path):
@@ -206,7 +206,7 @@ def test_templates_from_file_and_list(tmp_path):
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("nope.txt", "templates 'nope.txt': not 'single', 'ensemble' or an existing file"),
+        ("nope.txt", "templates 'nope.txt': not one of photo, ensemble, task-first, task or an existing file"),
         (["a photo"], "template 'a photo' has no '{}' placeholder"),
         ([], "templates: the list is empty"),
     ],

@@ -66,7 +66,7 @@ def test_classify_matches_model_pieces_and_skips_bad_file(tiny_clip_model, image
 
 
 def test_ensemble_and_single_give_different_classifiers(tiny_clip_model):
-    single = zeroshot.zeroshot_classifier(tiny_clip_model, CLASSES, "single")
+    single = zeroshot.zeroshot_classifier(tiny_clip_model, CLASSES, "photo")
     ens = zeroshot.zeroshot_classifier(tiny_clip_model, CLASSES, "ensemble")
     assert single.shape == ens.shape == (3, tiny_clip_model.embed_dim)
     assert torch.allclose(ens.norm(dim=-1), torch.ones(3), atol=1e-5)

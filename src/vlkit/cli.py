@@ -1,6 +1,9 @@
 """`vlkit <command>`: each command is a thin call into the library.
 
 User mistakes raise `VlkitError`; `main` prints its message as one line and exits 2.
+Mistakes click finds while parsing (an unknown option, a value out of range, a
+missing argument) get the same treatment: one `error:` line naming the command's
+--help, exit 2, never a boxed panel or a traceback.
 """
 
 from __future__ import annotations
@@ -38,15 +41,41 @@ def _register() -> None:
     register_all(app)
 
 
+def _fail(message: str, code: int = 2) -> None:
+    line = " ".join(str(message).split("\n")).strip()
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _click_exceptions():
+    """Click's exception classes as typer uses them (recent typer vendors its own copy of click)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def main(argv: list[str] | None = None) -> None:
     from vlkit.errors import VlkitError
 
+    cx = _click_exceptions()
     _register()
     try:
-        app(args=argv, prog_name="vlkit")
+        rv = app(args=argv, prog_name="vlkit", standalone_mode=False)
     except VlkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
+    except cx.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `vlkit coop` alone: its help, as click does
+            print(e.format_message(), file=sys.stderr)
+            sys.exit(2)
+        where = f"; see `{e.ctx.command_path} --help`" if e.ctx is not None else ""
+        _fail(f"{e.format_message().rstrip('.')}{where}", e.exit_code)
+    except cx.ClickException as e:
+        _fail(e.format_message(), e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        _fail("interrupted", 130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -126,10 +126,7 @@ def extract_image_features(
 
             def flush() -> None:
                 nonlocal encoded, last_save
-                with torch.inference_mode():
-                    x = torch.stack(batch_x).to(device=device, dtype=dtype, non_blocking=True)
-                    feats = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1).cpu()
-                feats = feats.clone()  # a normal tensor: usable for training outside inference mode
+                feats = encode_pixels(model, batch_x, dtype)
                 place(batch_idx, feats)
                 if shard is not None:
                     valid = [k for k, i in enumerate(batch_idx) if ids[i] is not None]
@@ -188,23 +185,45 @@ def default_num_workers(device: torch.device) -> int:
     return max(1, min(8, cpus))
 
 
+def encode_pixels(model: "VLModel", pixels: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Normalised float32 CPU features of preprocessed images: the one encoder step shared
+    by batch extraction and single queries (`vlkit search --image`, the server)."""
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    with torch.inference_mode():
+        x = torch.stack(list(pixels)).to(device=model.device, dtype=dtype, non_blocking=True)
+        feats = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1).cpu()
+    return feats.clone()  # a normal tensor: usable for training outside inference mode
+
+
+def load_pixels(
+    model: "VLModel", source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None, formats: Sequence[str] | None = None
+) -> torch.Tensor:
+    """`load_image` + the model's preprocessing; raises `BadImage` (a VlkitError) with the reason.
+
+    `source` is a path or the bytes of an upload. Preprocessing that applies its own
+    alpha policy (open_clip's resize, then convert("RGB")) gets the transparency;
+    everything else gets RGB on white.
+    """
+    preprocess = model.preprocess
+    background = None if preprocess.describe().get("alpha") == "drop" else DEFAULT_BACKGROUND
+    image = load_image(source, max_pixels=max_pixels, background=background, name=name, formats=formats)
+    try:
+        return preprocess(image)
+    except Exception as e:  # e.g. a processor that cannot handle a 1x1 image
+        text = " ".join(str(e).split())[:120] or type(e).__name__
+        label = name or ("upload" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source))
+        raise BadImage(label, f"preprocessing failed: {text}") from None
+
+
 def _loader(model: "VLModel", max_pixels: int) -> Callable[[str], tuple[torch.Tensor | None, str | None]]:
     """path -> (pixels, None) or (None, reason); never raises for a bad file."""
-    preprocess = model.preprocess
-    # Preprocessing that applies its own alpha policy (open_clip's resize, then
-    # convert("RGB")) gets the transparency; everything else gets RGB on white.
-    background = None if preprocess.describe().get("alpha") == "drop" else DEFAULT_BACKGROUND
 
     def load(path: str) -> tuple[torch.Tensor | None, str | None]:
         try:
-            image = load_image(path, max_pixels=max_pixels, background=background)
+            return load_pixels(model, path, max_pixels), None
         except BadImage as e:
             return None, e.reason
-        try:
-            return preprocess(image), None
-        except Exception as e:  # e.g. a processor that cannot handle a 1x1 image
-            text = " ".join(str(e).split())[:120] or type(e).__name__
-            return None, f"preprocessing failed: {text}"
 
     return load
 

@@ -35,8 +35,21 @@ if TYPE_CHECKING:
 # torch is imported inside functions: the CLI checks paths, class lists and
 # templates first, and a typo should fail in a moment, not after loading torch.
 
-SINGLE_TEMPLATE = "a photo of a {}."
+# Named template sets. Each name means one thing across the CLI, the Python API and
+# the benchmark (whose "zeroshot" row is a task's first template, "task-first" here):
+#   photo       CLIP's generic prompt "a photo of a {}."
+#   ensemble    OpenAI's 80 ImageNet prompts (also "openai_imagenet")
+#   task-first  a task's first, hand-written template (needs a task)
+#   task        all of a task's templates, ensembled (needs a task)
+# "single" is refused: it used to mean "photo" here and "task-first" in the benchmark.
+PHOTO_TEMPLATE = "a photo of a {}."
+SINGLE_TEMPLATE = PHOTO_TEMPLATE  # the prompt CoOp's context replaces ("a photo of a"), by its old name
 PLACEHOLDER = "{}"
+TEMPLATE_SETS = ("photo", "ensemble", "task-first", "task")
+_AMBIGUOUS = {
+    "single": "use 'photo' for \"a photo of a {}.\" or, with --task, 'task-first' for the task's own hand-written "
+    "prompt (the benchmark's zeroshot row)"
+}
 
 # (fingerprint, classnames, templates) -> [C, D] classifier on CPU; small LRU so a
 # long-lived process (a notebook, a server) does not grow without bound.
@@ -57,25 +70,34 @@ def _parse_template_lines(lines: Sequence[str]) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def resolve_templates(templates: str | os.PathLike | Sequence[str]) -> list[str]:
-    """Turn "single", "ensemble" (= "openai_imagenet"), a file (one per line) or a list into templates.
+def resolve_templates(templates: str | os.PathLike | Sequence[str], task_templates: Sequence[str] | None = None) -> list[str]:
+    """Turn "photo", "ensemble" (= "openai_imagenet"), "task-first"/"task" (with `task_templates`),
+    a file (one per line) or a list into templates.
 
     Every template must contain "{}" where the class name goes.
     """
     if isinstance(templates, os.PathLike) or isinstance(templates, str):
         name = str(templates)
-        if name == "single":
-            out = [SINGLE_TEMPLATE]
+        if name in _AMBIGUOUS and not isinstance(templates, os.PathLike):
+            raise VlkitError(f"templates '{name}': ambiguous; {_AMBIGUOUS[name]}")
+        if name == "photo":
+            out = [PHOTO_TEMPLATE]
         elif name in ("ensemble", "openai_imagenet"):
             out = openai_imagenet_templates()
+        elif name in ("task-first", "task"):
+            if not task_templates:
+                raise VlkitError(f"templates '{name}': only with a task (--task NAME); use photo, ensemble or a file")
+            out = [str(t) for t in (task_templates[:1] if name == "task-first" else task_templates)]
         else:
             path = Path(name)
             if not path.is_file():
                 raise VlkitError(
-                    f"templates '{name}': not 'single', 'ensemble' or an existing file; "
+                    f"templates '{name}': not one of {', '.join(TEMPLATE_SETS)} or an existing file; "
                     "pass one of those (a file holds one template per line with {} for the class)"
                 )
-            out = _parse_template_lines(path.read_text(encoding="utf-8").splitlines())
+            from vlkit.data.datasets import read_text
+
+            out = _parse_template_lines(read_text(path, "templates file").splitlines())
             if not out:
                 raise VlkitError(f"templates file '{name}' has no templates; write one per line, e.g. 'a photo of a {{}}.'")
     else:
@@ -93,7 +115,9 @@ def load_classnames(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise VlkitError(f"classes file '{p}' does not exist; pass a text file with one class name per line")
-    names = _parse_template_lines(p.read_text(encoding="utf-8").splitlines())
+    from vlkit.data.datasets import read_text
+
+    names = _parse_template_lines(read_text(p, "classes file").splitlines())
     return check_classnames(names, source=f"classes file '{p}'")
 
 
@@ -182,7 +206,7 @@ def _progress(enabled: bool, total: int, n_templates: int) -> Iterator[Callable[
 def zeroshot_classifier(
     model: "VLModel",
     classnames: Sequence[str],
-    templates: str | os.PathLike | Sequence[str] = "single",
+    templates: str | os.PathLike | Sequence[str] = "photo",
     *,
     batch_size: int = 256,
     cache: bool = True,
@@ -399,7 +423,7 @@ def classify(
     model: "VLModel",
     data: Any,
     classnames: Sequence[str] | None = None,
-    templates: str | os.PathLike | Sequence[str] = "single",
+    templates: str | os.PathLike | Sequence[str] = "photo",
     *,
     batch_size: int = 64,
     cache: bool = True,
@@ -410,10 +434,11 @@ def classify(
 
     `data`: an image folder / CSV / JSONL path, a dataset, a list of image paths or
     (path, label) pairs. `classnames` defaults to the dataset's. `templates`:
-    "single", "ensemble" (OpenAI's 80), a file or a list. `cache` turns on the image
+    "photo", "ensemble" (OpenAI's 80), a file or a list. `cache` turns on the image
     feature cache (`<cache_dir>/features`) and the text classifier cache (memory,
     plus `<cache_dir>/zeroshot-text`); `cache_dir` defaults to `default_cache_dir()`.
-    Unreadable images are skipped and listed in `result.skipped`.
+    Unreadable images are skipped and listed in `result.skipped`; when none is
+    left, a VlkitError says so (metrics over no image would be n/a, not a result).
     """
     import torch
 
@@ -431,6 +456,11 @@ def classify(
     )
     image_cache = FeatureCache(root / "features") if cache else False
     feats = extract_image_features(model, items.paths, batch_size=batch_size, cache=image_cache, progress=progress)
+    skipped = [(str(p), str(r)) for p, r in feats.skipped]
+    if not feats.paths:
+        total = len(items.paths)
+        first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise VlkitError(f"none of the {total} images could be read{first}; check the files")
     kept_labels = None
     if items.labels is not None:
         # feats.paths is the input order minus skipped files: walk both in step so
@@ -449,6 +479,6 @@ def classify(
         paths=[str(p) for p in feats.paths],
         logits=scores,
         labels=kept_labels,
-        skipped=[(str(p), str(r)) for p, r in feats.skipped],
+        skipped=skipped,
         model_fingerprint=model.fingerprint(),
     )

@@ -72,7 +72,10 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Refuse to mix results of another model or budget in one folder."""
     path = out / "settings.json"
     if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise VlkitError(f"{path}: damaged; delete it (its results.jsonl stays) or use another --out folder") from None
         for key in ("model_fingerprint", "epochs", "views", "options"):
             if old.get(key) != settings.get(key):
                 raise VlkitError(
@@ -190,7 +193,7 @@ def run_fewshot(
                 }
                 results.add(record)
                 log(f"{task} {method} shots={k} seed={seed}: {record['acc']:.2f}% ({seconds:.1f}s)")
-    write_reports(out, results.records, tasks=list(tasks), methods=methods)
+    write_reports(out, results.records, tasks=list(tasks), methods=methods, shots=list(shots))
     return results.records
 
 
@@ -201,6 +204,7 @@ def write_reports(
     tasks: list[str] | None = None,
     methods: list[str] | None = None,
     averages: dict[str, list[str]] | None = None,
+    shots: list[int] | None = None,
 ) -> None:
     """table.md and fewshot.png from the records (every run in the folder by default)."""
     from vlkit.bench.report import fewshot_table, plot_fewshot
@@ -208,7 +212,7 @@ def write_reports(
     few = [r for r in records if r.get("kind") == "fewshot"]
     if not few:
         return
-    io.write_text(out / "table.md", fewshot_table(few, tasks=tasks, methods=methods, averages=averages))
+    io.write_text(out / "table.md", fewshot_table(few, tasks=tasks, methods=methods, averages=averages, shots=shots))
     plot_fewshot(few, out / "fewshot.png", tasks=tasks, methods=methods, averages=averages)
 
 
@@ -235,7 +239,10 @@ def merge_results(
     for src in map(Path, sources):
         if not (src / "results.jsonl").is_file() or not (src / "settings.json").is_file():
             raise VlkitError(f"{src}: not a benchmark results folder (needs results.jsonl and settings.json)")
-        settings[str(src)] = json.loads((src / "settings.json").read_text(encoding="utf-8"))
+        try:
+            settings[str(src)] = json.loads((src / "settings.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise VlkitError(f"{src / 'settings.json'}: damaged; it must be the JSON a `vlkit bench` run wrote") from None
         prints = {s.get("model_fingerprint") for s in settings.values()}
         if len(prints) > 1:
             raise VlkitError(f"{src}: results of another model ({sorted(map(str, prints))}); merge one model's folders at a time")

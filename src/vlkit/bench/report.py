@@ -68,20 +68,26 @@ def fewshot_table(
     tasks: Sequence[str] | None = None,
     methods: Sequence[str] | None = None,
     averages: Averages | None = None,
+    shots: Sequence[int] | None = None,
 ) -> str:
-    """Markdown: one table per task (rows: methods, columns: shots) and the average(s)."""
+    """Markdown: one table per task (rows: methods, columns: shots) and the average(s).
+
+    Columns are `shots` (default: every shot count in the records); a grid of
+    zero-shot methods only has one column, "zero-shot".
+    """
     table = collect(records, averages=averages)
-    shots = sorted({r["shots"] for r in records if r["shots"] > 0})
+    columns = sorted(set(shots or ()) | {r["shots"] for r in records if r["shots"] > 0})
+    headers = [f"{k} shot{'s' if k > 1 else ''}" for k in columns] or ["zero-shot"]
     lines = []
     for task in _order(table, list(tasks or []) + list(averages or [AVERAGE])):
-        lines += [f"### {task}", "", "| method | " + " | ".join(f"{k} shot{'s' if k > 1 else ''}" for k in shots) + " |"]
-        lines.append("|---|" + "---|" * len(shots))
+        lines += [f"### {task}", "", "| method | " + " | ".join(headers) + " |"]
+        lines.append("|---|" + "---|" * len(headers))
         for m in _order(table[task], methods):
             by_shot = table[task][m]
             if 0 in by_shot:  # zero-shot: the same value in every column
-                row = [_cell(list(by_shot[0].values()))] * len(shots)
+                row = [_cell(list(by_shot[0].values()))] * len(headers)
             else:
-                row = [_cell(list(by_shot[k].values())) if k in by_shot else "-" for k in shots]
+                row = [_cell(list(by_shot[k].values())) if k in by_shot else "-" for k in columns]
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -112,6 +118,7 @@ def plot_fewshot(
     all_methods = _order([m for t in panels for m in table[t]], methods)
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(all_methods)}
     shots = sorted({r["shots"] for r in records if r["shots"] > 0})
+    zero_only = not shots
     for ax, task in zip(axes.flat, panels):
         for m in _order(table[task], methods):
             by_shot = table[task][m]
@@ -125,11 +132,15 @@ def plot_fewshot(
             std = np.array([np.std(list(by_shot[k].values())) for k in ks])
             ax.plot(ks, mean, marker="o", ms=4, color=colours[m], label=m)
             ax.fill_between(ks, mean - std, mean + std, color=colours[m], alpha=0.15)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(shots)
-        ax.set_xticklabels([str(k) for k in shots])
+        if zero_only:  # nothing to draw against shots: just the zero-shot stars
+            ax.set_xticks([0.5])
+            ax.set_xticklabels(["zero-shot"])
+        else:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(shots)
+            ax.set_xticklabels([str(k) for k in shots])
         ax.set_title(task)
-        ax.set_xlabel("shots per class")
+        ax.set_xlabel("" if zero_only else "shots per class")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:

@@ -10,7 +10,7 @@ import importlib
 
 import typer
 
-MODULES = ["data", "zeroshot", "retrieval", "pretrain", "adapt", "bench", "demo"]
+MODULES = ["data", "zeroshot", "retrieval", "pretrain", "adapt", "bench", "demo", "blip"]
 
 
 def register_all(app: typer.Typer) -> None:

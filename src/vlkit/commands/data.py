@@ -50,6 +50,8 @@ def build_cmd(
 
     if size < 8:
         raise VlkitError(f"--size {size}: too small; use at least 8 pixels (64 is the default)")
+    if size > 1024:
+        raise VlkitError(f"--size {size}: too large for thumbnails; use at most 1024 pixels (64 is the default)")
     module = get_recipe(recipe)
     root = _writable_data_dir(data_dir)
     report = module.build(root, size=size, progress=not no_progress)
@@ -74,6 +76,12 @@ def splits_cmd(
         ss = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise VlkitError(f"--shots {shots!r} / --seeds {seeds!r}: expected comma-separated integers") from None
+    from vlkit.commands import validate
+
+    validate.nonempty("--shots", ks)
+    validate.nonempty("--seeds", ss)
+    for k in ks:
+        validate.at_least("--shots", k)
     names = task or available_tasks(root, built_only=True)
     if not names:
         raise VlkitError(f"{root}: no built dataset found; run `vlkit data build emoji` (or openclipart) first")
@@ -89,9 +97,11 @@ def info_cmd(name: str = typer.Argument(..., help="A built dataset (emoji, emoji
              data_dir: Optional[str] = DataDirOpt,
              top: int = typer.Option(15, help="Classes to list per table (largest first).")) -> None:
     """Print a dataset card: counts per style, class and split, and the licence of each style."""
+    from vlkit.commands import validate
     from vlkit.data.info import dataset_card
     from vlkit.data.recipes import resolve_data_dir
 
+    validate.at_least("--top", top)
     print(dataset_card(name, resolve_data_dir(data_dir), top=top))
 
 

@@ -19,6 +19,8 @@ def demo(
     seed: int = typer.Option(1, "--seed"),
 ) -> None:
     """Zero-shot vs linear probe vs CoOp on the bundled sample: table, plot, learned prompt, nearest words."""
+    from vlkit.commands import validate
     from vlkit.demo import run_demo
 
+    validate.out_folder("--out", out)
     run_demo(out, model=model, epochs=epochs, seed=seed)

@@ -7,6 +7,26 @@ from typing import Optional
 
 import typer
 
+from vlkit.commands import validate
+
+
+def _check_config_file(config: Path) -> None:
+    """The config is a readable JSON object (its fields are checked by `load_config`)."""
+    import json
+
+    from vlkit.data.datasets import read_text
+    from vlkit.errors import VlkitError
+
+    if not config.exists():
+        return  # load_config names the missing file and the fix
+    text = read_text(config, "JSON config")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise VlkitError(f"{config}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise VlkitError(f"{config}: a config is a JSON object of settings, not a {type(value).__name__}")
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -27,6 +47,11 @@ def register(app: typer.Typer) -> None:
 
         if resume and run_dir is None:
             raise VlkitError("--resume: needs --run-dir naming the run to continue")
+        _check_config_file(config)
+        if run_dir is not None:
+            validate.out_folder("--run-dir", run_dir)
+        if export_to is not None:
+            validate.out_folder("--export-to", export_to)
         cfg = load_config(config)
         if data_dir is not None:
             cfg.data.data_dir = data_dir

@@ -6,11 +6,13 @@ Each is a thin call into `vlkit.retrieval`; heavy imports stay inside the comman
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
+from vlkit.commands import validate
 from vlkit.errors import VlkitError
 
 DEFAULT_MODEL = "vlkit-tiny"
@@ -73,6 +75,13 @@ def _hits_table(hits: list, title: str):
     return table
 
 
+def _check_add_args(chunk_size: int, batch_size: int, ray_workers: int, caption_template: Optional[str]) -> None:
+    validate.at_least("--chunk-size", chunk_size)
+    validate.at_least("--batch-size", batch_size)
+    validate.at_least("--ray-workers", ray_workers)
+    validate.caption_template("--caption-template", caption_template)
+
+
 def register(app: typer.Typer) -> None:
     index_app = typer.Typer(help="Build and grow retrieval indexes.", no_args_is_help=True)
     app.add_typer(index_app, name="index")
@@ -101,9 +110,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Embed images (and their captions) and build a faiss index; rerun to resume."""
         from vlkit.retrieval.collection import read_source
-        from vlkit.retrieval.index import build_index
+        from vlkit.retrieval.index import INDEX_TYPES, build_index, preflight_build
 
+        _check_add_args(chunk_size, batch_size, ray_workers, caption_template)
+        validate.choice("--index-type", index_type, INDEX_TYPES)
+        validate.out_folder("--out", out)
+        validate.existing("--image-root", image_root, "folder")
         source = read_source(images, image_field=image_field, caption_field=caption_field, caption_template=caption_template)
+        preflight_build(out, source, image_root=image_root, index_type=index_type, chunk_size=chunk_size)
         report = build_index(
             out,
             _load_model(model),
@@ -134,6 +148,7 @@ def register(app: typer.Typer) -> None:
         from vlkit.retrieval.collection import read_source
         from vlkit.retrieval.index import add_images, read_manifest
 
+        _check_add_args(chunk_size, batch_size, ray_workers, caption_template)
         spec = model or read_manifest(index)["model"]["spec"]
         source = read_source(images, image_field=image_field, caption_field=caption_field, caption_template=caption_template)
         report = add_images(
@@ -155,17 +170,49 @@ def register(app: typer.Typer) -> None:
         target: str = typer.Option("images", "--target", help="Search indexed 'images' or indexed 'captions'."),
         model: Optional[str] = typer.Option(None, "--model", help="Defaults to the index's model."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+        rerank: str = typer.Option("none", "--rerank", help="'itm': re-score the ITC top --rerank-k with a BLIP model's ITM head (BLIP: ITM logit + cosine); text->images and image->captions."),
+        rerank_k: int = typer.Option(128, "--rerank-k", help="With --rerank itm: how many ITC candidates ITM re-scores."),
     ) -> None:
         """Search an index: text->image, image->image, image->text, text->text."""
-        from vlkit.retrieval.search import Searcher
+        from vlkit.retrieval.index import RetrievalIndex
+        from vlkit.retrieval.search import TARGETS, Searcher
 
         if (text is None) == (image is None):
             raise VlkitError("vlkit search: give exactly one of --text or --image")
-        searcher = Searcher.open(index, model)
-        hits = searcher.search_text(text, k, target) if text is not None else searcher.search_image(image, k, target)
+        if text is not None and not text.strip():
+            raise VlkitError("--text: empty; give some words to search for")
+        validate.at_least("-k", k)
+        validate.choice("--target", target, TARGETS)
+        if rerank != "none":
+            from vlkit.commands.blip import check_rerank_search
+
+            check_rerank_search(index, model, rerank, rerank_k, text=text, target=target)
+        if image is not None:
+            from vlkit.data.images import probe_image
+
+            probe_image(image)  # a missing, empty, non-image or oversized query fails before the model loads
+        opened = RetrievalIndex(index)
+        size = len(opened.collection(target).items)
+        if k > size:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"-k {k}: the index holds {size} {target}; showing all {size}", markup=False, highlight=False)
+            k = size
+        searcher = Searcher(opened, _load_model(model or opened.model_spec))
+        skipped: list = []
+        if rerank == "itm":
+            from vlkit.blip.rerank import rerank_search
+
+            hits, skipped = rerank_search(searcher, text=text, image=image, k=k, target=target, rerank_k=rerank_k)
+        else:
+            hits = searcher.search_text(text, k, target) if text is not None else searcher.search_image(image, k, target)
         query = {"text": text} if text is not None else {"image": str(image)}
+        if skipped:
+            print(f"re-ranking skipped {len(skipped)} candidate images that can no longer be read: "
+                  + "; ".join(f"{p}: {r}" for p, r in skipped[:5]), file=sys.stderr)
         if as_json:
-            print(json.dumps({"query": {**query, "k": k, "target": target}, "results": [h.to_dict() for h in hits]}, ensure_ascii=False, indent=2))
+            body = {"query": {**query, "k": k, "target": target, "rerank": rerank}, "results": [h.to_dict() for h in hits]}
+            print(json.dumps(body, ensure_ascii=False, indent=2))
             return
         from rich.console import Console
 
@@ -177,16 +224,29 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 127.0.0.1 keeps it local."),
         port: int = typer.Option(8000, "--port"),
         model: Optional[str] = typer.Option(None, "--model", help="Defaults to the index's model."),
-        max_k: int = typer.Option(100, "--max-k"),
-        max_query_chars: int = typer.Option(256, "--max-query-chars"),
-        max_upload_mb: float = typer.Option(5.0, "--max-upload-mb"),
+        max_k: int = typer.Option(100, "--max-k", help="Largest k a query may ask for."),
+        max_query_chars: int = typer.Option(256, "--max-query-chars", help="Longest text query."),
+        max_upload_mb: float = typer.Option(5.0, "--max-upload-mb", help="Largest uploaded query image, in MiB (refused before it is read whole)."),
+        max_image_mp: float = typer.Option(16.0, "--max-image-mp", help="Most decoded megapixels per uploaded query (JPEGs above are decoded at reduced scale, other formats refused)."),
     ) -> None:
         """Serve a search page and JSON API over an index."""
+        from vlkit.retrieval.index import RetrievalIndex
         from vlkit.retrieval.search import Searcher
         from vlkit.retrieval.server import Limits, serve as run_server
 
-        limits = Limits(max_query_chars=max_query_chars, max_k=max_k, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
-        run_server(Searcher.open(index, model), host=host, port=port, limits=limits)
+        validate.listen(host, port)
+        validate.at_least("--max-k", max_k)
+        validate.at_least("--max-query-chars", max_query_chars)
+        validate.positive("--max-upload-mb", max_upload_mb)
+        validate.positive("--max-image-mp", max_image_mp)
+        try:
+            import fastapi, multipart, uvicorn  # noqa: F401, E401
+        except ImportError:
+            raise VlkitError("vlkit serve: the 'serve' extra is not installed; `pip install 'vlkit[serve]'`") from None
+        limits = Limits(max_query_chars=max_query_chars, max_k=max_k, max_upload_bytes=max(1, int(max_upload_mb * 1024 * 1024)),
+                        max_pixels=max(1, int(max_image_mp * 1_000_000)))
+        opened = RetrievalIndex(index)  # a missing or damaged index fails before the model loads
+        run_server(Searcher(opened, _load_model(model or opened.model_spec)), host=host, port=port, limits=limits)
 
     @eval_app.command("retrieval")
     def eval_retrieval(
@@ -197,8 +257,15 @@ def register(app: typer.Typer) -> None:
         image_field: str = image_field_opt,
         batch_size: int = typer.Option(64, "--batch-size"),
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where the run folder is created."),
+        rerank: str = typer.Option("none", "--rerank", help="'itm': BLIP's ITC + ITM re-ranking of the ITC top --rerank-k (reported beside ITC alone)."),
+        rerank_k: int = typer.Option(128, "--rerank-k", help="With --rerank itm: candidates per query that ITM re-scores."),
     ) -> None:
         """Recall@1/5/10 (any true match), mean and median rank, text->image and image->text."""
+        if rerank != "none":
+            from vlkit.commands.blip import eval_retrieval_rerank
+
+            eval_retrieval_rerank(data, model, rerank, rerank_k, caption_field, caption_template, image_field, batch_size, runs_dir)
+            return
         from functools import partial
 
         from rich.console import Console
@@ -209,6 +276,9 @@ def register(app: typer.Typer) -> None:
         from vlkit.retrieval.evaluate import as_dict, evaluate_retrieval
         from vlkit.retrieval.index import embed_images_local
 
+        validate.at_least("--batch-size", batch_size)
+        validate.caption_template("--caption-template", caption_template)
+        validate.out_folder("--runs-dir", runs_dir)
         source = read_source(data, image_field=image_field, caption_field=caption_field, caption_template=caption_template)
         vl = _load_model(model)
         result = evaluate_retrieval(vl, source, embedder=partial(embed_images_local, batch_size=batch_size))

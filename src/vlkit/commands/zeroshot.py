@@ -22,7 +22,11 @@ def zeroshot(
     image_col: Optional[str] = typer.Option(None, "--image-col", help="Table column with image paths (default: image, path, file, ...)."),
     label_col: Optional[str] = typer.Option(None, "--label-col", help="Table column with labels (default: label, class, category, ...)."),
     templates: Optional[str] = typer.Option(
-        None, "--templates", help="'single' (a photo of a {}.), 'ensemble' (OpenAI's 80), 'task' (the task's own) or a file. Default: 'task' with --task, else 'single'."
+        None,
+        "--templates",
+        help="'photo' (a photo of a {}.), 'ensemble' (OpenAI's 80), with --task 'task-first' (the task's hand-written "
+        "prompt: the benchmark's zeroshot row) or 'task' (all its templates, ensembled), or a file. "
+        "Default: 'task' with --task, else 'photo'.",
     ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
     out: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the run folder."),
@@ -31,11 +35,14 @@ def zeroshot(
 ) -> None:
     """Zero-shot classification: writes config.json, metrics.json and predictions.csv to a run folder."""
     from vlkit import runs, zeroshot as zs
+    from vlkit.commands import validate
     from vlkit.errors import VlkitError
 
-    # Cheap checks first, so a typo fails in a second, before any model loads.
+    # Cheap checks first, so a typo fails in a second, before any model loads or any output is made.
     if (data is None) == (task is None):
         raise VlkitError("zeroshot: pass exactly one of --data PATH (image folder or table) and --task NAME")
+    validate.at_least("--batch-size", batch_size)
+    validate.out_folder("--out", out)
     classnames = zs.load_classnames(classes) if classes is not None else None
     if task is not None:
         from vlkit.data.tasks import load_task
@@ -43,15 +50,13 @@ def zeroshot(
         t = load_task(task, data_dir)
         items = zs.task_images(t, split, classnames)
         templates = templates or "task"
-        template_list = zs.resolve_templates(t.templates if templates == "task" else templates)
+        template_list = zs.resolve_templates(templates, task_templates=t.templates)
         source = f"task {task}"
     else:
         assert data is not None
         if not data.exists():
             raise VlkitError(f"{data}: data path does not exist; give an image folder or a .csv/.jsonl table")
-        templates = templates or "single"
-        if templates == "task":
-            raise VlkitError("--templates task: only with --task NAME; use single, ensemble or a file")
+        templates = templates or "photo"
         template_list = zs.resolve_templates(templates)
         items = zs.as_labeled_images(data, classnames, image_col=image_col, label_col=label_col)
         source = str(data)

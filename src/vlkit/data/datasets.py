@@ -9,13 +9,22 @@ images costs a directory walk, and a dataset never knows the model.
 - `CaptionTableDataset(path, ...)`: a CSV or JSONL table with an image column
   and a label and/or caption column; relative image paths are resolved against
   the table's own folder, so a dataset folder can be moved as a whole.
+
+Paths are listed, not checked: a symlink loop, a dangling link or a missing
+file is skipped and listed with its reason when it is read (`load_image`, whose
+reasons come from `vlkit.data.paths`), so label indices never move. Text files
+are read by `read_text`: UTF-8, or UTF-8/16/32 with a byte-order mark; anything
+else is one clear error.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -241,32 +250,145 @@ def _captions(path: Path, line: int, col: str, value: Any) -> list[str]:
     return out
 
 
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of a user's file (class list, templates, table), decoded without guessing.
+
+    UTF-8 is the rule; a byte-order mark (UTF-8, UTF-16 or UTF-32, as Excel and
+    Notepad write) says which Unicode encoding it is and is honoured. Any other
+    bytes (Latin-1, Windows-1252, UTF-16 without a mark) would be a guess, so they
+    are one error naming the file, the first bad byte and the fix.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except IsADirectoryError:
+        raise VlkitError(f"{p}: is a folder; give a {what}") from None
+    except OSError as e:
+        raise VlkitError(f"{p}: cannot read {what} ({e.strerror or e})") from None
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data[len(bom) :].decode(encoding)
+            except UnicodeDecodeError as e:
+                raise VlkitError(f"{p}: starts with a {encoding.upper()} byte-order mark but is not valid {encoding.upper()} ({e.reason}); re-save it as UTF-8") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise VlkitError(
+            f"{p}: {what} is not UTF-8 (byte 0x{data[e.start]:02x} on line {line}); {_guess_encoding(data)}"
+        ) from None
+    if "\x00" in text:  # valid UTF-8, but no text file holds NUL: UTF-16 without a mark, or binary
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        guess = _guess_encoding(data)
+        if "UTF-16" in guess:
+            raise VlkitError(f"{p}: {what} is not UTF-8 (NUL bytes from line {line}); {guess}")
+        raise VlkitError(f"{p}:{line}: holds a NUL character; a {what} is text: re-save it as UTF-8")
+    return text
+
+
+def _guess_encoding(data: bytes) -> str:
+    """What non-UTF-8 bytes most likely are, to say in the error (never used to decode)."""
+    sample = data[:4096]
+    even, odd = sample[0::2], sample[1::2]
+    if sample and max(even.count(0), odd.count(0)) > 0.3 * len(sample) / 2:
+        return "it looks like UTF-16 without a byte-order mark: re-save it as UTF-8 (or UTF-16 with a BOM)"
+    if b"\x00" in sample or sum(b < 9 or 13 < b < 32 for b in sample) > len(sample) // 20:
+        return "it looks like a binary file, not text: check the path"
+    return "it looks like Latin-1 or Windows-1252: re-save it as UTF-8"
+
+
 def read_table(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
-    """Rows as (line number, dict) and the column names, from CSV or JSONL."""
+    """Rows as (line number, dict) and the column names, from CSV/TSV or JSONL (text as `read_text`)."""
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".csv", ".tsv"):
+        raise VlkitError(f"{path}: unsupported table type {suffix or '(none)'}; use .csv, .tsv or .jsonl")
+    text = read_text(path, "table")
     if suffix in (".jsonl", ".ndjson"):
         rows: list[tuple[int, dict]] = []
         columns: dict[str, None] = {}
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise VlkitError(f"{path}:{line_no}: not valid JSON ({e.msg}); one JSON object per line") from None
-                if not isinstance(row, dict):
-                    raise VlkitError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-                rows.append((line_no, row))
-                columns.update(dict.fromkeys(row))
+        for line_no, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a JSON string
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise VlkitError(
+                    f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object: fix or remove that line"
+                ) from None
+            if not isinstance(row, dict):
+                raise VlkitError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            rows.append((line_no, row))
+            columns.update(dict.fromkeys(row))
         return rows, list(columns)
-    if suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            columns_list = list(reader.fieldnames or [])
-            rows = [(reader.line_num, row) for row in reader]
-        return rows, columns_list
-    raise VlkitError(f"{path}: unsupported table type {suffix or '(none)'}; use .csv, .tsv or .jsonl")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",", restkey=_EXTRA)
+    try:
+        columns_list = list(reader.fieldnames or [])
+        rows = []
+        for row in reader:
+            if _EXTRA in row:
+                raise VlkitError(
+                    f"{path}:{reader.line_num}: {len(columns_list) + len(row[_EXTRA])} fields but the header has "
+                    f"{len(columns_list)}; quote fields that contain the delimiter"
+                )
+            rows.append((reader.line_num, row))
+    except csv.Error as e:
+        raise VlkitError(f"{path}:{reader.line_num}: not a readable CSV row ({e})") from None
+    return rows, columns_list
+
+
+_EXTRA = "\x00extra"  # DictReader's key for fields beyond the header (cannot clash: read_text refuses NUL)
+
+
+def caption_fields(template: str) -> list[str]:
+    """The row fields a caption template names, e.g. 'an emoji of {label}' -> ['label'].
+
+    Only plain `{field}` placeholders (and `{{`/`}}` for literal braces) are allowed:
+    no positional `{}`, no attribute or index access, no conversion or format spec,
+    so a template can never reach into a value (str.format would evaluate
+    '{label.__class__}').
+    """
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise VlkitError(f"caption template {template!r}: {e}; write fields as {{name}} and literal braces as {{{{ }}}}") from None
+    fields = []
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if not field.strip():
+            raise VlkitError(f"caption template {template!r}: an empty {{}} names no field; write e.g. 'an emoji of {{label}}'")
+        if any(c in field for c in ".[]") or spec or conversion:
+            raise VlkitError(
+                f"caption template {template!r}: '{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}' "
+                "is not a plain field; only {name} placeholders are filled (no attributes, indexing or format specs)"
+            )
+        fields.append(field)
+    if not fields:
+        raise VlkitError(f"caption template {template!r}: names no field, so every caption would be the same; write e.g. 'an emoji of {{label}}'")
+    return fields
+
+
+def fill_caption(template: str, row: dict[str, Any], where: str) -> str:
+    """The template with each `{field}` replaced by the row's value (checked by `caption_fields`)."""
+    out = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        out.append(literal)
+        if field is not None:
+            if field not in row:
+                raise VlkitError(f"{where}: caption template {template!r} names field '{field}' which the row lacks")
+            value = row[field]
+            out.append("" if value is None else str(value))
+    return "".join(out)
 
 
 # Column names tried, in order, when `open_dataset` reads a table.

@@ -10,9 +10,12 @@ alpha was, white where a 16-bit image was clipped) to a model.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -35,13 +38,21 @@ DEFAULT_BACKGROUND = (255, 255, 255)
 _OPEN_LOCK = threading.Lock()
 
 
-class BadImage(VlkitError):
-    """A file that cannot be used as an image; `reason` says why in a few words."""
+# What went wrong, for callers that answer differently per kind (the server's HTTP codes).
+MISSING, NOT_A_FILE, EMPTY, NOT_AN_IMAGE, TOO_LARGE, CORRUPT = "missing", "not-a-file", "empty", "not-an-image", "too-large", "corrupt"
 
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+
+class BadImage(VlkitError):
+    """A file that cannot be used as an image; `reason` says why in a few words, `kind` which class of problem."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, kind: str = CORRUPT) -> None:
         self.path = str(path)
         self.reason = reason
+        self.kind = kind
         super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # picklable across process pools
+        return (BadImage, (self.path, self.reason, self.kind))
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -49,78 +60,184 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview
+
+
 def load_image(
-    path: str | os.PathLike,
+    source: ImageSource,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] | None = DEFAULT_BACKGROUND,
+    *,
+    name: str | None = None,
+    formats: Sequence[str] | None = None,
 ) -> Image.Image:
-    """Decode `path` into an RGB image, or raise `BadImage(path, reason)`.
+    """Decode `source` (a path, or the bytes of an upload) into an RGB image, or raise `BadImage`.
 
+    This is vlkit's one road from a file to pixels: every command, the feature
+    extractor and the server call it, so a file is judged the same way everywhere.
     The header is read first: an image over `max_pixels` is decoded at reduced
     scale when the format allows it (JPEG) and refused otherwise, so a
     decompression bomb costs a header read, not gigabytes. EXIF orientation is
     applied; alpha is composited onto `background`; 16-bit and float images are
     rescaled to 8 bits rather than clipped. `background=None` keeps transparency
     (an RGBA image, RGB when opaque) for preprocessing that applies its own
-    alpha policy, e.g. open_clip's resize-then-`convert("RGB")`.
+    alpha policy, e.g. open_clip's resize-then-`convert("RGB")`. `name` labels
+    bytes in messages (default "upload"). `formats` restricts the PIL formats tried
+    (e.g. a server's accepted uploads); by default every raster format PIL reads
+    except EPS, which PIL renders by running Ghostscript.
     """
-    path = Path(path)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = name or "upload"
+        data = bytes(source)
+        if not data:
+            raise BadImage(label, "empty file (0 bytes)", EMPTY)
+        fp: IO[bytes] | Path = io.BytesIO(data)
+        head = data[:512]
+    else:
+        label = name or os.fspath(source)
+        fp = Path(source)
+        _check_file(fp, label)
+        head = _head(fp)
+    im = _open_header(fp, label, head, formats)
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise BadImage(path, "file not found") from None
-    except OSError as e:
-        raise BadImage(path, f"cannot read file ({e.strerror or e})") from None
-    if not path.is_file():
-        raise BadImage(path, "not a regular file")
-    if size == 0:
-        raise BadImage(path, "empty file (0 bytes)")
-
-    im = _open_header(path)
-    try:
-        _bound_pixels(path, im, max_pixels)
+        _bound_pixels(label, im, max_pixels)
         try:
             im.load()
             im = _apply_exif_orientation(im)
-            return _to_rgb(path, im, background)
+            return _to_rgb(label, im, background)
         except BadImage:
             raise
         except MemoryError:
-            raise BadImage(path, f"out of memory decoding {im.size[0]}x{im.size[1]} image") from None
+            raise BadImage(label, f"out of memory decoding {im.size[0]}x{im.size[1]} image", TOO_LARGE) from None
         except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, zlib/struct errors...
-            raise BadImage(path, f"cannot decode {im.format or 'image'}: {_short(e)}") from None
+            raise BadImage(label, f"cannot decode {im.format or 'image'}: {_short(e)}") from None
     finally:
         im.close()
 
 
-def _open_header(path: Path) -> Image.Image:
+def probe_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, *, name: str | None = None) -> tuple[str, int, int]:
+    """(format, width, height) from the header alone, or `BadImage` as `load_image` would say it.
+
+    For checking a query image before a model is loaded: everything but the pixel
+    data is judged (missing, folder, link loop, empty, not an image, too large).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label, fp, head = name or "upload", io.BytesIO(bytes(source)), bytes(source[:512])
+        if not head:
+            raise BadImage(label, "empty file (0 bytes)", EMPTY)
+    else:
+        label, fp = name or os.fspath(source), Path(source)
+        _check_file(fp, label)
+        head = _head(fp)
+    im = _open_header(fp, label, head)
+    try:
+        w, h = im.size
+        _bound_pixels(label, im, max_pixels)
+        return str(im.format), w, h
+    finally:
+        im.close()
+
+
+def _check_file(path: Path, label: str) -> None:
+    """A path must name a readable, non-empty regular file; say precisely what it is otherwise.
+
+    Checked before opening: opening a FIFO would block, a folder or a link loop has
+    no bytes. Why a path does not lead to a file (a loop, a dangling link) is told by
+    `vlkit.data.paths.check_path`, the one place that judges paths.
+    """
+    try:
+        st = path.stat()
+    except OSError as e:
+        from vlkit.data.paths import check_path
+
+        reason = check_path(path) or f"cannot read file ({e.strerror or e})"
+        raise BadImage(label, reason, MISSING) from None
+    if path.is_dir():
+        raise BadImage(label, "is a folder, not an image file", NOT_A_FILE)
+    if not path.is_file():
+        raise BadImage(label, "not a regular file", NOT_A_FILE)
+    if st.st_size == 0:
+        raise BadImage(label, "empty file (0 bytes)", EMPTY)
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(512)
+    except OSError:
+        return b""
+
+
+def readable_images(
+    paths: Sequence[str | os.PathLike], max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split `paths` into those `load_image` decodes and (path, reason) for the rest, input order kept.
+
+    For code that must know the good files before it starts (a training run whose
+    classes must each keep an image); decoding is done, not guessed from headers.
+    """
+    names = [os.fspath(p) for p in paths]
+
+    def check(name: str) -> str | None:
+        try:
+            load_image(name, max_pixels=max_pixels).close()
+            return None
+        except BadImage as e:
+            return e.reason
+
+    if workers > 1 and len(names) > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlkit-check") as pool:
+            reasons = list(pool.map(check, names))
+    else:
+        reasons = [check(n) for n in names]
+    ok = [n for n, r in zip(names, reasons) if r is None]
+    return ok, [(n, r) for n, r in zip(names, reasons) if r is not None]
+
+
+def _default_formats() -> list[str]:
+    Image.init()
+    return [f for f in Image.OPEN if f not in _EXTERNAL_PROGRAM_FORMATS]
+
+
+# Formats PIL decodes by running another program: never on files vlkit is handed.
+_EXTERNAL_PROGRAM_FORMATS = frozenset({"EPS"})
+
+
+def _open_header(fp: "Path | IO[bytes]", label: str, head: bytes, formats: Sequence[str] | None = None) -> Image.Image:
     """Identify the file and read its header without PIL's global bomb check.
 
     PIL refuses (or warns about) large images inside `Image.open`, before we can
     see the size; vlkit applies its own `max_pixels` policy instead, so the check
     is switched off for the header read only. The lock keeps the switch from
-    racing with other loader threads.
+    racing with other loader threads, and every image vlkit opens comes through
+    here, so no other vlkit code can open an image while the check is off.
     """
     with _OPEN_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            return Image.open(path)
+            return Image.open(fp, formats=list(formats) if formats is not None else _default_formats())
         except Image.UnidentifiedImageError:
-            kind = _sniff(path)
-            reason = f"corrupt {kind} header" if kind else "not an image (unrecognised format)"
-            raise BadImage(path, reason) from None
+            kind = _sniff(head)
+            if formats is not None and kind and kind.upper() not in formats and kind not in _VECTOR_OR_TEXT:
+                raise BadImage(label, f"a {kind} image; accepted formats: {', '.join(formats)}", NOT_AN_IMAGE) from None
+            if kind in _VECTOR_OR_TEXT:
+                hint = "not an image" if kind == "an HTML file" else "not a raster image (rasterise it to PNG first)"
+                raise BadImage(label, f"{kind}, {hint}", NOT_AN_IMAGE) from None
+            if kind:
+                raise BadImage(label, f"corrupt {kind} header", CORRUPT) from None
+            raise BadImage(label, "not an image (unrecognised format)", NOT_AN_IMAGE) from None
         except Exception as e:
-            raise BadImage(path, f"cannot read header: {_short(e)}") from None
+            raise BadImage(label, f"cannot read header: {_short(e)}", CORRUPT) from None
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def _bound_pixels(path: Path, im: Image.Image, max_pixels: int) -> None:
+def _bound_pixels(path: str, im: Image.Image, max_pixels: int) -> None:
     """Refuse, or arrange a reduced-scale decode for, images above `max_pixels`."""
     w, h = im.size
     if w <= 0 or h <= 0:
-        raise BadImage(path, f"invalid size {w}x{h}")
+        raise BadImage(path, f"invalid size {w}x{h}", CORRUPT)
     pixels = w * h
     if pixels <= max_pixels:
         return
@@ -136,6 +253,7 @@ def _bound_pixels(path: Path, im: Image.Image, max_pixels: int) -> None:
         path,
         f"too large: {w}x{h} = {pixels / 1e6:.0f} MP exceeds max_pixels={max_pixels / 1e6:g} MP "
         "(decompression-bomb guard; raise max_pixels to load it)",
+        TOO_LARGE,
     )
 
 
@@ -149,7 +267,7 @@ def _apply_exif_orientation(im: Image.Image) -> Image.Image:
         return im
 
 
-def _to_rgb(path: Path, im: Image.Image, background: tuple[int, int, int] | None) -> Image.Image:
+def _to_rgb(path: str, im: Image.Image, background: tuple[int, int, int] | None) -> Image.Image:
     """Any PIL mode -> RGB (RGBA when `background` is None and alpha is used), keeping what the pixels mean."""
     if im.mode == "RGB" and "transparency" not in im.info:
         return im.copy()
@@ -166,7 +284,7 @@ def _to_rgb(path: Path, im: Image.Image, background: tuple[int, int, int] | None
     try:
         return im.convert("RGB")
     except ValueError:
-        raise BadImage(path, f"unsupported colour mode {im.mode}") from None
+        raise BadImage(path, f"unsupported colour mode {im.mode}", CORRUPT) from None
 
 
 def _high_depth_to_grey(im: Image.Image) -> Image.Image:
@@ -208,15 +326,20 @@ _SIGNATURES = (
 )
 
 
-def _sniff(path: Path) -> str | None:
+_VECTOR_OR_TEXT = ("an SVG file", "an HTML file", "a PDF file")
+
+
+def _sniff(head: bytes) -> str | None:
     """The format a file claims by its magic bytes, to tell "corrupt PNG" from "not an image"."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError:
-        return None
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
+    if head.startswith(b"%PDF"):
+        return "a PDF file"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in text):
+        return "an SVG file"
+    if text.startswith((b"<!doctype html", b"<html")):
+        return "an HTML file"
     return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
 
 

@@ -54,7 +54,7 @@ def evaluate_retrieval(
         raise VlkitError(f"{source.description['source']}: none of its {len(items)} captioned images could be read")
     text_feats = model.embed_texts(list(texts)).detach().float().cpu().numpy()
     metrics = retrieval_metrics(np.asarray(feats), text_feats, list(texts.values()), ks)
-    return RetrievalEval(metrics, images=len(ok), texts=len(texts), without_caption=without, skipped=list(skipped))
+    return RetrievalEval(metrics, images=len(ok), texts=len(texts), without_caption=without, skipped=[*source.skipped, *skipped])
 
 
 def as_dict(result: RetrievalEval) -> dict[str, Any]:

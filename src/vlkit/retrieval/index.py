@@ -11,7 +11,10 @@ Layout of an index folder::
 
 Work is written chunk by chunk (tensors first, then the shard's JSON, each file
 atomically), so an interrupted build loses at most the chunk in flight and a rerun
-embeds only what no committed shard holds. Row *i* of a faiss index is row *i* of
+embeds only what no committed shard holds. Nothing is created before every input
+has been checked: a build that fails validation, or whose images are all
+unreadable, leaves no folder behind. Images outside the image root (the server
+serves files only from there) are skipped and listed, like unreadable ones. Row *i* of a faiss index is row *i* of
 the shards concatenated in order. Small collections get an exact inner-product
 index; above `EXACT_MAX` vectors an IVF-PQ index (with exact re-ranking of its
 candidates) whose parameters are recorded in the manifest.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -29,7 +33,7 @@ import numpy as np
 
 from vlkit import io
 from vlkit.errors import VlkitError
-from vlkit.retrieval.collection import Source
+from vlkit.retrieval.collection import Source, SourceItem
 
 if TYPE_CHECKING:
     import faiss
@@ -52,7 +56,7 @@ def embed_images_local(model: "VLModel", paths: list[str], batch_size: int = 64)
     from vlkit.features import extract_image_features
 
     res = extract_image_features(model, paths, batch_size=batch_size, cache=False, progress=False)
-    feats = res.features.detach().float().cpu().numpy().reshape(len(res.paths), -1)
+    feats = res.features.detach().float().cpu().numpy().reshape(len(res.paths), int(model.embed_dim))
     return feats, [str(p) for p in res.paths], [(str(p), str(r)) for p, r in res.skipped]
 
 
@@ -141,9 +145,18 @@ def write_faiss(index: "faiss.Index", path: Path) -> None:
 
 
 def read_faiss(path: Path, spec: dict[str, Any]) -> "faiss.Index":
+    """Read a faiss file; a missing or damaged one is a VlkitError with the way to rebuild it."""
     import faiss
 
-    index = faiss.read_index(str(path))
+    index_dir = path.parent
+    fix = f"rerun `vlkit index add {index_dir} --images <the same images>` to rebuild it from the stored embeddings"
+    if not path.is_file():
+        raise VlkitError(f"{path}: missing; {fix}")
+    try:
+        index = faiss.read_index(str(path))
+    except Exception as e:  # faiss raises RuntimeError with a C++ backtrace in its message
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise VlkitError(f"{path}: not a readable faiss index ({first[:100]}); {fix}") from None
     apply_search_params(index, spec)
     return index
 
@@ -167,8 +180,14 @@ def list_shards(index_dir: Path) -> list[Shard]:
     """Committed shards (those whose JSON exists), in order."""
     out = []
     for meta in sorted(_shard_dir(index_dir).glob("[0-9]" * 6 + ".json")):
-        data = json.loads(meta.read_text(encoding="utf-8"))
-        out.append(Shard(int(meta.stem), data["images"], data["captions"], data["skipped"]))
+        try:
+            data = json.loads(meta.read_text(encoding="utf-8"))
+            out.append(Shard(int(meta.stem), data["images"], data["captions"], data["skipped"]))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise VlkitError(
+                f"{meta}: damaged shard record; delete it and its .safetensors, then rerun the same "
+                "`vlkit index build`/`index add` to embed those images again"
+            ) from None
     return out
 
 
@@ -185,7 +204,16 @@ def load_embeddings(index_dir: Path, collection: str, dim: int) -> np.ndarray:
     """All committed embeddings of one collection, in faiss row order."""
     from safetensors.numpy import load_file
 
-    parts = [load_file(str(_shard_dir(index_dir) / f"{s.number:06d}.safetensors"))[collection] for s in list_shards(index_dir)]
+    parts = []
+    for s in list_shards(index_dir):
+        path = _shard_dir(index_dir) / f"{s.number:06d}.safetensors"
+        try:
+            parts.append(load_file(str(path))[collection])
+        except Exception:
+            raise VlkitError(
+                f"{path}: missing or damaged embeddings; delete it and {path.with_suffix('.json').name}, then rerun the same "
+                "`vlkit index build`/`index add` to embed those images again"
+            ) from None
     parts = [p for p in parts if p.size]
     return np.concatenate(parts) if parts else np.empty((0, dim), np.float32)
 
@@ -194,8 +222,11 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     path = Path(index_dir) / MANIFEST
     if not path.is_file():
         raise VlkitError(f"{index_dir}: not a vlkit index (no {MANIFEST}); build one with `vlkit index build`")
-    man = json.loads(path.read_text(encoding="utf-8"))
-    if man.get("format") != FORMAT or man.get("version") != VERSION:
+    try:
+        man = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise VlkitError(f"{path}: damaged ({e}); rebuild the index with `vlkit index build`") from None
+    if not isinstance(man, dict) or man.get("format") != FORMAT or man.get("version") != VERSION:
         raise VlkitError(f"{index_dir}: {MANIFEST} is not a version-{VERSION} vlkit index; rebuild it with this vlkit")
     return man
 
@@ -222,8 +253,7 @@ def create_index(
     if index_type not in INDEX_TYPES:
         raise VlkitError(f"index type '{index_type}': unknown; use one of {', '.join(INDEX_TYPES)}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise VlkitError(f"{out}: exists and is not empty; pick a new --out or remove the folder")
+    check_new_index_dir(out)
     man = {
         "format": FORMAT,
         "version": VERSION,
@@ -251,14 +281,49 @@ class AddReport:
     collections: dict[str, Any] = field(default_factory=dict)
 
 
-def _relative(path: Path, root: Path, index_dir: Path) -> str:
-    try:
-        return path.resolve().relative_to(root).as_posix()
-    except ValueError:
-        raise VlkitError(
-            f"{path}: outside the index's image root {root} (symlinks are followed); index {index_dir} only holds "
-            "files under its root, so build a separate index (or one with a common --image-root)"
-        ) from None
+def check_new_index_dir(out: Path) -> None:
+    """`out` may become a new index: absent, an empty folder, or an unfinished one that committed nothing."""
+    if out.exists() and not out.is_dir():
+        raise VlkitError(f"{out}: is an existing file; pick a new --out folder")
+    if out.is_dir() and any(p.name not in (MANIFEST, "shards") for p in out.iterdir()):
+        raise VlkitError(f"{out}: exists and is not empty; pick a new --out or remove the folder")
+    if (out / "shards").is_dir() and any((out / "shards").iterdir()):
+        raise VlkitError(f"{out}: holds shards of another build; pick a new --out or remove the folder")
+
+
+def plan(
+    source: Source, root: Path, done: set[str] = frozenset()  # type: ignore[assignment]
+) -> tuple[list[tuple[str, "SourceItem"]], list[tuple[str, str]], int]:
+    """What an add would embed: (path under root, item) pairs not in `done`, the items
+    skipped because they lie outside `root` (links followed), and the count already done.
+
+    The image root is where `vlkit serve` serves files from, so an index holds only
+    files under it; the rest are skipped and listed like unreadable images.
+    """
+    pending: list[tuple[str, SourceItem]] = []
+    outside: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    already = 0
+    for item in source.items:
+        if not item.path.is_relative_to(root):
+            listed = item.listed or str(item.path)
+            via_link = item.listed is not None and Path(item.listed).absolute() != item.path
+            why = (f"symlink to {item.path}, outside the image root {root}" if via_link
+                   else f"outside the image root {root} (pass --image-root to a folder holding every image)")
+            outside.append((listed, why))
+            continue
+        rel = item.path.relative_to(root).as_posix()
+        if rel in done or rel in seen:
+            already += 1
+            continue
+        seen.add(rel)
+        pending.append((rel, item))
+    return pending, outside, already
+
+
+def _no_images_error(source: Source, skipped: list[tuple[str, str]], total: int) -> VlkitError:
+    first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+    return VlkitError(f"{source.description['source']}: none of its {total} images can be indexed{first}; nothing was written")
 
 
 def add_images(
@@ -273,30 +338,35 @@ def add_images(
     """Embed the source's images (and captions) that the index does not hold yet, then refresh faiss.
 
     Resumable: only images absent from every committed shard (indexed or skipped) are embedded.
+    Paths the source skipped and images outside the image root are listed in the report and in
+    skipped.json.
     """
+    if chunk_size < 1:
+        raise VlkitError(f"chunk size {chunk_size}: must be at least 1")
     index_dir = Path(index_dir)
     man = read_manifest(index_dir)
     check_model(man, model, index_dir)
-    if chunk_size < 1:
-        raise VlkitError(f"chunk size {chunk_size}: must be at least 1")
     embedder = embedder or embed_images_local
     root = Path(man["image_root"])
     shards = list_shards(index_dir)
     done = {rec["path"] for s in shards for rec in s.images} | {p for s in shards for p, _ in s.skipped}
-    pending, seen, report = [], set(), AddReport()
-    for item in source.items:  # every input is checked before the index is touched
-        rel = _relative(item.path, root, index_dir)
-        if rel in done or rel in seen:
-            report.already_done += 1
-            continue
-        seen.add(rel)
-        pending.append((rel, item))
+    pending, outside, already = plan(source, root, done)  # every input is checked before the index is touched
+    report = AddReport(already_done=already)
+    new_skips = [[p, why] for p, why in (*source.skipped, *outside) if p not in done]
+    if not pending and not already and new_skips:
+        raise _no_images_error(source, [tuple(x) for x in new_skips], len(new_skips))
     if source.description not in man["sources"]:
         man["sources"].append(source.description)
     man["complete"] = False
     io.write_json(index_dir / MANIFEST, man)
 
     next_number = shards[-1].number + 1 if shards else 0
+    if new_skips and not pending:  # nothing to embed, but the skips are still recorded
+        dim = man["model"]["embed_dim"]
+        empty = np.empty((0, dim), np.float32)
+        _write_shard(index_dir, next_number, empty, empty, {"images": [], "captions": [], "skipped": new_skips})
+        report.skipped.extend((p, why) for p, why in new_skips)
+        new_skips = []
     from rich.progress import Progress
 
     with Progress(disable=not progress, transient=False) as bar:
@@ -316,7 +386,8 @@ def add_images(
                     captions.append({"id": cid, "image_id": rel, "text": text})
                     texts.append(text)
             cap_emb = model.embed_texts(texts).detach().float().cpu().numpy() if texts else np.empty((0, man["model"]["embed_dim"]), np.float32)
-            skipped_rel = [[by_abs[p][0], reason] for p, reason in skipped]
+            skipped_rel = [[by_abs[p][0], reason] for p, reason in skipped] + new_skips
+            new_skips = []
             _write_shard(index_dir, next_number, feats, cap_emb, {"images": images, "captions": captions, "skipped": skipped_rel})
             next_number += 1
             report.embedded += len(ok)
@@ -345,10 +416,15 @@ def finalize(index_dir: str | Path) -> dict[str, Any]:
             man["collections"][name] = {"count": 0, "faiss": None}
             continue
         want = choose_index_spec(emb.shape[0], dim, man["index_type"], man["exact_max"])
+        index = None
         if current and path.is_file() and current["type"] == want["type"] != "flat":
-            index = read_faiss(path, current)
-            if index.ntotal > emb.shape[0]:
-                raise VlkitError(f"{path}: holds more vectors than the shards; delete it and rerun to rebuild")
+            try:
+                index = read_faiss(path, current)
+            except VlkitError:  # damaged: rebuilt from the shards below
+                index = None
+            if index is not None and index.ntotal > emb.shape[0]:
+                index = None  # more vectors than the shards: not ours to extend
+        if index is not None:
             index.add(np.ascontiguousarray(emb[index.ntotal :]))
             spec = current
         else:
@@ -375,16 +451,67 @@ def build_index(
     embedder: ImageEmbedder | None = None,
     progress: bool = True,
 ) -> AddReport:
-    """Build a new index, or resume one whose earlier build was interrupted."""
+    """Build a new index, or resume one whose earlier build was interrupted.
+
+    Everything is checked before the folder is created; when no image of the source
+    can be read, the folder this call created is removed again and a VlkitError says so.
+    """
     out = Path(out)
-    if (out / MANIFEST).is_file():
-        man = read_manifest(out)
-        if man["complete"]:
+    if preflight_build(out, source, image_root=image_root, index_type=index_type, chunk_size=chunk_size):
+        check_model(read_manifest(out), model, out)
+        return add_images(out, model, source, chunk_size=chunk_size, embedder=embedder, progress=progress)
+    root = Path(image_root or source.root).resolve()
+    existed = out.exists()
+    create_index(out, model, root, index_type=index_type, exact_max=exact_max)
+    try:
+        report = add_images(out, model, source, chunk_size=chunk_size, embedder=embedder, progress=progress)
+    except VlkitError:
+        if not list_shards(out):  # committed work is kept for a resume; an empty start is not
+            _remove_new(out, existed)
+        raise
+    if report.embedded == 0:
+        _remove_new(out, existed)
+        raise _no_images_error(source, report.skipped, len(source.items) + len(source.skipped))
+    return report
+
+
+def preflight_build(
+    out: str | Path, source: Source, *, image_root: str | Path | None = None, index_type: str = "auto", chunk_size: int = 512
+) -> bool:
+    """Every check of `build_index` that needs no model (the CLI runs it before loading one).
+
+    True when `out` holds an interrupted build to resume; False for a new build, after
+    checking that `out` can hold one and that some image of the source lies under the
+    image root.
+    """
+    out = Path(out)
+    if chunk_size < 1:
+        raise VlkitError(f"chunk size {chunk_size}: must be at least 1")
+    if index_type not in INDEX_TYPES:
+        raise VlkitError(f"index type '{index_type}': unknown; use one of {', '.join(INDEX_TYPES)}")
+    if out.is_dir() and (out / MANIFEST).is_file() and list_shards(out):
+        if read_manifest(out)["complete"]:
             raise VlkitError(f"{out}: an index already exists there; add to it with `vlkit index add {out} --images ...` or pick another --out")
-        check_model(man, model, out)
-    else:
-        create_index(out, model, image_root or source.root, index_type=index_type, exact_max=exact_max)
-    return add_images(out, model, source, chunk_size=chunk_size, embedder=embedder, progress=progress)
+        return True
+    # a new build (or a folder left by a build that committed nothing, which starts over)
+    check_new_index_dir(out)
+    if image_root is not None and not Path(image_root).is_dir():
+        raise VlkitError(f"--image-root {image_root}: is not a folder")
+    pending, outside, _ = plan(source, Path(image_root or source.root).resolve())
+    if not pending:
+        raise _no_images_error(source, [*source.skipped, *outside], len(source.items) + len(source.skipped))
+    return False
+
+
+def _remove_new(out: Path, existed: bool) -> None:
+    """Remove what a failed new build wrote: the folder itself, or its contents when it existed (empty) before."""
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    (out / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    for name in ("images.faiss", "captions.faiss", "skipped.json"):
+        (out / name).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- reading for search
@@ -421,8 +548,12 @@ class RetrievalIndex:
             info = self.manifest["collections"][name]
             if info["count"]:
                 index = read_faiss(self.dir / f"{name}.faiss", info["faiss"])
-                if index.ntotal != len(items[name]) or info["count"] != len(items[name]):
-                    raise VlkitError(f"{self.dir}: {name}.faiss and the shards disagree; rerun `vlkit index add {self.dir}` to rebuild")
+                dim = self.manifest["model"]["embed_dim"]
+                if index.ntotal != len(items[name]) or info["count"] != len(items[name]) or index.d != dim:
+                    raise VlkitError(
+                        f"{self.dir}: {name}.faiss and the shards disagree; rerun "
+                        f"`vlkit index add {self.dir} --images <the same images>` to rebuild it from the stored embeddings"
+                    )
                 self.collections[name] = Collection(name, items[name], index, info["faiss"])
         self.images_by_id = {r["id"]: r for r in items["images"]}
         self.captions_by_image: dict[str, list[str]] = {}

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from vlkit.data.images import DEFAULT_MAX_PIXELS
 from vlkit.errors import VlkitError
-from vlkit.retrieval.index import RetrievalIndex, check_model, embed_images_local
+from vlkit.retrieval.index import RetrievalIndex, check_model
 
 if TYPE_CHECKING:
     from vlkit.models.base import VLModel
@@ -67,14 +68,20 @@ class Searcher:
         with self._lock:
             return self.model.embed_texts(list(texts)).detach().float().cpu().numpy()
 
-    def embed_image(self, path: str | os.PathLike) -> np.ndarray:
-        """[1, D] feature of one image file; a file that cannot be read is a VlkitError naming it."""
+    def embed_image(
+        self, image: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None, formats: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """[1, D] feature of one image file (or the bytes of an upload).
+
+        Decoded by `vlkit.data.images.load_image` like every indexed image, outside the
+        model lock, so a slow or hostile file never holds up other queries; a file that
+        cannot be read raises `BadImage` (a VlkitError) naming it and why.
+        """
+        from vlkit.features import encode_pixels, load_pixels
+
+        pixels = load_pixels(self.model, image if isinstance(image, (bytes, bytearray)) else Path(image), max_pixels, name, formats)
         with self._lock:
-            feats, ok, skipped = embed_images_local(self.model, [str(Path(path))])
-        if not ok:
-            reason = skipped[0][1] if skipped else "could not be embedded"
-            raise VlkitError(f"{path}: {reason}; give a readable image file")
-        return feats
+            return encode_pixels(self.model, [pixels]).numpy()
 
     def _hit(self, target: str, row: int, rank: int, score: float) -> Hit:
         rec = self.index.collection(target).items[row]
@@ -92,7 +99,8 @@ class Searcher:
             raise VlkitError(f"target '{target}': unknown; use one of {', '.join(TARGETS)}")
         if k < 1:
             raise VlkitError(f"k={k}: must be at least 1")
-        scores, ids = self.index.collection(target).search(queries, k)
+        collection = self.index.collection(target)
+        scores, ids = collection.search(queries, min(k, len(collection.items)))
         return [
             [self._hit(target, int(i), rank, float(s)) for rank, (s, i) in enumerate(zip(srow, irow), start=1) if i >= 0]
             for srow, irow in zip(scores, ids)
@@ -104,6 +112,20 @@ class Searcher:
             raise VlkitError("query text: empty; give some words to search for")
         return self.search_vectors(self.embed_texts([text]), k, target)[0]
 
-    def search_image(self, path: str | os.PathLike, k: int = 10, target: str = "images") -> list[Hit]:
-        """Image -> images (target='images') or image -> captions (target='captions')."""
-        return self.search_vectors(self.embed_image(path), k, target)[0]
+    def search_image(
+        self,
+        image: str | os.PathLike | bytes,
+        k: int = 10,
+        target: str = "images",
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        name: str | None = None,
+        formats: Sequence[str] | None = None,
+    ) -> list[Hit]:
+        """Image -> images (target='images') or image -> captions (target='captions'); `image` is a path or bytes."""
+        self.index.collection(target)  # an unknown or absent target fails before the image is decoded
+        return self.search_vectors(self.embed_image(image, max_pixels, name, formats), k, target)[0]
+
+    def size(self, target: str) -> int:
+        """How many vectors `target` holds (0 when the index has none)."""
+        return len(self.index.collections[target].items) if target in self.index.collections else 0

@@ -7,17 +7,26 @@ Endpoints:
     POST /api/search/image   multipart upload `file`, form fields k, target
     GET  /files/{path}       an indexed image, by its path under the image root
 
-Input is checked before any model work: query length, k range, target name, upload
-size (read in bounded chunks, never whole) and type (decoded, not trusted from the
-header). Files are served only when the resolved path lies under the index's image
+Input is checked before any model work: query length, k range, target name. An
+upload is refused before it is read whole: a Content-Length over the limit gets 413
+at once, and a body without one is counted as it arrives and cut off at the limit
+(`_BodyLimit`). The image is then decoded by `vlkit.data.images.load_image`, the
+same function every command uses, restricted to common raster formats and to
+`Limits.max_pixels` (16 MP by default: far above the model's input size, and a
+header read decides it, so a 78 KB PNG declaring 9000x9000 costs microseconds, not
+seconds of inflating). Every bad upload is a 4xx with a JSON `detail`: 413 too
+large (bytes or pixels), 415 not an accepted image, 422 empty, truncated or corrupt.
+Decoding runs in worker threads outside the model lock, a few at a time.
+Files are served only when the resolved path lies under the index's image
 root *and* is an indexed image, so `..`, encoded dots, absolute paths and symlinks
 pointing out of the root all get 404.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations
 # at runtime, and its types are imported inside `create_app` (the extra is optional).
+import json
 import os
-import tempfile
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -31,15 +40,35 @@ if TYPE_CHECKING:
     from vlkit.retrieval.search import Searcher
 
 ALLOWED_UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+# Room for the multipart envelope (boundaries, part headers, the k and target fields).
+FORM_OVERHEAD_BYTES = 64 * 1024
+READ_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What the server accepts; anything outside gets a 4xx with a one-line reason."""
+    """What the server accepts; anything outside gets a 4xx with a one-line reason.
+
+    max_pixels: decoded pixels per uploaded query (width x height from the header,
+    before decoding). A JPEG above it is decoded at 1/2, 1/4 or 1/8 scale when that
+    fits; anything else above it is refused (413). max_decodes: uploads decoded at
+    once; the rest wait, so a burst cannot hold many large images in memory.
+    """
 
     max_query_chars: int = 256
     max_k: int = 100
     max_upload_bytes: int = 5 * 1024 * 1024
+    max_pixels: int = 16_000_000
+    max_decodes: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("max_query_chars", "max_k", "max_upload_bytes", "max_pixels", "max_decodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise VlkitError(f"server limit {name}={value!r}: must be a whole number of at least 1")
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 def _page() -> str:
@@ -53,12 +82,16 @@ def create_app(searcher: "Searcher", limits: Limits = Limits()) -> "FastAPI":
         from fastapi.responses import FileResponse, HTMLResponse
     except ImportError:
         raise VlkitError("vlkit serve: FastAPI is not installed; install the extra with `pip install 'vlkit[serve]'`") from None
+    from vlkit.data import images as img
 
     index = searcher.index
     root = index.image_root.resolve()
     served = {rec["path"] for rec in index.collection("images").items} if "images" in index.collections else set()
     app = FastAPI(title="vlkit search", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_BodyLimit, limit=limits.max_upload_bytes + FORM_OVERHEAD_BYTES, file_limit=limits.max_upload_bytes)
     page = _page()
+    decode_slots = threading.BoundedSemaphore(limits.max_decodes)
+    status_for = {img.TOO_LARGE: 413, img.NOT_AN_IMAGE: 415, img.EMPTY: 422, img.CORRUPT: 422}
 
     def check(k: int, target: str) -> None:
         if not 1 <= k <= limits.max_k:
@@ -83,11 +116,7 @@ def create_app(searcher: "Searcher", limits: Limits = Limits()) -> "FastAPI":
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
-        return {
-            "model": index.manifest["model"],
-            "counts": index.counts(),
-            "limits": {"max_query_chars": limits.max_query_chars, "max_k": limits.max_k, "max_upload_bytes": limits.max_upload_bytes},
-        }
+        return {"model": index.manifest["model"], "counts": index.counts(), "limits": limits.as_dict()}
 
     @app.get("/api/search")
     def search_text(q: str = Query(...), k: int = 10, target: str = "images") -> dict[str, Any]:
@@ -99,28 +128,26 @@ def create_app(searcher: "Searcher", limits: Limits = Limits()) -> "FastAPI":
         return respond(searcher.search_text(q, k, target), {"text": q, "k": k, "target": target})
 
     @app.post("/api/search/image")
-    async def search_image(file: UploadFile = File(...), k: int = Form(10), target: str = Form("images")) -> dict[str, Any]:
+    def search_image(file: UploadFile = File(...), k: int = Form(10), target: str = Form("images")) -> dict[str, Any]:
+        # a plain `def`: FastAPI runs it in a worker thread, so decoding never blocks the event loop
         check(k, target)
         data = bytearray()
-        while chunk := await file.read(64 * 1024):
+        while chunk := file.file.read(READ_CHUNK):
             data.extend(chunk)
             if len(data) > limits.max_upload_bytes:
                 raise HTTPException(413, f"upload: larger than {limits.max_upload_bytes} bytes")
         if not data:
             raise HTTPException(422, "upload: empty file")
-        fmt = _image_format(bytes(data))
-        if fmt not in ALLOWED_UPLOAD_FORMATS:
-            raise HTTPException(415, f"upload: not an image vlkit accepts ({', '.join(ALLOWED_UPLOAD_FORMATS)})")
-        fd, tmp = tempfile.mkstemp(suffix=f".{fmt.lower()}")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+        with decode_slots:
             try:
-                hits = searcher.search_image(tmp, k, target)
-            except VlkitError as e:
-                raise HTTPException(422, f"upload: {str(e).split(': ', 1)[-1]}") from None
-        finally:
-            os.unlink(tmp)
+                hits = searcher.search_image(bytes(data), k, target, max_pixels=limits.max_pixels, name="upload",
+                                             formats=ALLOWED_UPLOAD_FORMATS)
+            except img.BadImage as e:
+                status = status_for.get(e.kind, 422)
+                reason = e.reason
+                if e.kind == img.TOO_LARGE:
+                    reason = reason.split(" exceeds")[0] + f"; this server decodes at most {limits.max_pixels / 1e6:g} MP per query: downscale it"
+                raise HTTPException(status, f"upload: {reason}") from None
         return respond(hits, {"image": file.filename, "k": k, "target": target})
 
     @app.get("/files/{rel:path}")
@@ -133,18 +160,64 @@ def create_app(searcher: "Searcher", limits: Limits = Limits()) -> "FastAPI":
     return app
 
 
-def _image_format(data: bytes) -> str | None:
-    """The decoded format of `data`, or None when PIL cannot identify it as an image."""
-    import io
+class _BodyLimit:
+    """ASGI middleware: refuse a POST body over `limit` bytes without reading it whole.
 
-    from PIL import Image, UnidentifiedImageError
+    A Content-Length over the limit is answered 413 before a byte of the body is
+    read; without one (chunked), the bytes are counted as they arrive and the read
+    stops with 413 as soon as the count passes the limit. Starlette's form parser
+    would otherwise spool the whole body to disk before the endpoint runs.
+    """
 
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-            return im.format
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return None
+    def __init__(self, app: Any, limit: int, file_limit: int) -> None:
+        self.app, self.limit, self.file_limit = app, limit, file_limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await _send_json(send, 400, "Content-Length: not a number")
+                return
+            if declared > self.limit:
+                await _send_json(send, 413, f"upload: request of {declared} bytes; images up to {self.file_limit} bytes are accepted")
+                return
+        from starlette.exceptions import HTTPException
+
+        received = 0
+        started = False
+
+        async def counted_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise HTTPException(413, f"upload: request body over {self.limit} bytes; images up to {self.file_limit} bytes are accepted")
+            return message
+
+        async def watched_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except HTTPException as e:  # raised where no handler turned it into a response
+            if started or e.status_code != 413:
+                raise
+            await _send_json(send, 413, str(e.detail))
+
+
+async def _send_json(send: Any, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode("utf-8")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def safe_path(root: Path, rel: str) -> Path | None:

@@ -72,8 +72,9 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise VlkitError(f"{path}: no such metadata file; run `vlkit data fetch` and `vlkit data build` first")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from vlkit.data.datasets import read_table
+
+    return [row for _, row in read_table(path)[0]]
 
 
 def get_recipe(name: str):

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from vlkit import io
 from vlkit.data.images import BadImage
-from vlkit.data.recipes import built_dir, raw_dir, write_jsonl
+from vlkit.data.recipes import built_dir, raw_dir, read_jsonl, write_jsonl
 from vlkit.data.recipes.fetch import NpmPackage, fetch_npm, unpack_tgz
 from vlkit.data.recipes.thumbs import THUMB_SIZE, raster_thumbnail, svg_thumbnail
 from vlkit.errors import VlkitError
@@ -184,10 +184,16 @@ def build(
 ) -> dict[str, Any]:
     """Thumbnail every labelled image of each style and write metadata.jsonl per dataset.
 
-    Existing thumbnails are kept (resume); metadata is rewritten from scratch.
-    Files that cannot be decoded are skipped and counted, never fatal.
+    Existing thumbnails are kept (resume). A dataset's metadata is rewritten for the
+    styles built now and keeps the rows (and build report) of its other styles, so
+    building a subset of styles never drops the rest. Files that cannot be decoded
+    are skipped and counted, never fatal.
     """
     t0 = time.perf_counter()
+    known = (*OPEN_STYLES, *HELDOUT_STYLES)
+    unknown = [st for st in styles if st not in known]
+    if unknown or not styles:
+        raise VlkitError(f"styles {list(styles)}: use one or more of {', '.join(known)}")
     for key in ("emojibase", *styles):
         if not package_dir(data_dir, key).is_dir():
             raise VlkitError(
@@ -237,6 +243,9 @@ def build(
         log(f"{style}: {made + kept} images ({made} new), {len(unlabelled)} unlabelled, {len(skipped)} skipped")
     for dataset, dataset_rows in rows.items():
         out_dir = built_dir(data_dir, dataset)
+        kept_rows, kept_report = _other_styles(out_dir, styles)
+        report_styles = {**kept_report, **{st: report["styles"][st] for st in styles if dataset_for_style(st) == dataset}}
+        dataset_rows = sorted([*kept_rows, *dataset_rows], key=lambda r: known.index(r["style"]) if r["style"] in known else len(known))
         n = write_jsonl(out_dir / "metadata.jsonl", dataset_rows)
         dataset_styles = sorted({r["style"] for r in dataset_rows})
         io.write_json(
@@ -247,12 +256,29 @@ def build(
                 "rows": n,
                 "size": size,
                 "sources": {k: f"{PACKAGES[k].name}@{PACKAGES[k].version}" for k in (*dataset_styles, "emojibase")},
-                "licences": {s: LICENCES[s] for s in dataset_styles},
-                "report": {s: report["styles"][s] for s in dataset_styles},
+                "licences": {s: LICENCES[s] for s in dataset_styles if s in LICENCES},
+                "report": {s: report_styles[s] for s in dataset_styles if s in report_styles},
             },
         )
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
+
+
+def _other_styles(out_dir: Path, styles: tuple[str, ...]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and build reports of the styles of an existing build that this build leaves alone."""
+    meta = out_dir / "metadata.jsonl"
+    if not meta.exists():
+        return [], {}
+    rows = [r for r in read_jsonl(meta) if r.get("style") not in styles]
+    info = out_dir / "build.json"
+    reports = {}
+    if rows and info.exists():
+        try:
+            reports = json.loads(info.read_text(encoding="utf-8")).get("report", {})
+        except ValueError:
+            reports = {}
+    kept = {r["style"] for r in rows}
+    return rows, {st: rep for st, rep in reports.items() if st in kept}
 
 
 def _progress(items: list, label: str, enabled: bool):
