@@ -14,54 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 
 from vlkit.errors import VlkitError
 from vlkit.pretrain.config import config_from_dict, load_config
 from vlkit.pretrain.trainer import CRASH_ENV
 
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
-RGB = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 40), (140, 40, 160), (250, 140, 20), (10, 10, 10), (245, 245, 245)]
-
-
-def make_dataset(root: Path) -> Path:
-    """16 emoji-like rows: a coloured disc or square per colour, with labels and tags."""
-    rng = np.random.default_rng(0)
-    rows = []
-    (root / "images").mkdir(parents=True)
-    for i, (name, rgb) in enumerate(zip(COLOURS * 2, RGB * 2)):
-        shape = "circle" if i < 8 else "square"
-        a = np.full((16, 16, 3), 255, np.uint8)
-        yy, xx = np.mgrid[:16, :16]
-        mask = ((yy - 8) ** 2 + (xx - 8) ** 2 < 30) if shape == "circle" else ((abs(yy - 8) < 5) & (abs(xx - 8) < 5))
-        a[mask] = np.array(rgb) + rng.integers(-5, 5, 3)
-        Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(root / "images" / f"{i}.png")
-        rows.append({"id": str(i), "image": f"images/{i}.png", "style": "twitter", "label": f"{name} {shape}",
-                     "tags": [name, shape], "group_name": "symbols" if shape == "square" else "objects",
-                     "subgroup_name": "geometric", "label_zh": "", "tags_zh": []})
-    meta = root / "metadata.jsonl"
-    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return meta
-
-
-def tiny_config(meta: Path, out: Path) -> dict:
-    return {
-        "name": "tiny", "seed": 3, "output_dir": str(out),
-        "model": {
-            "image_tower": {"model_type": "resnet", "config": {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}},
-            "text_tower": {"pretrained": None, "model_type": "bert", "context_length": 16,
-                           "config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
-                                      "hidden_dropout_prob": 0.2, "max_position_embeddings": 32}},
-            "image_size": 16, "embed_dim": 8, "lock_text": False,
-        },
-        "data": {"sources": [str(meta)], "styles": ["twitter"], "train_split_tasks": {}, "precompute_text": False},
-        "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "warmup_steps": 2, "threads": 1},
-        "log": {"every_steps": 1, "checkpoint_every_steps": 2, "progress": False},
-    }
+from pretrain_fakes import make_dataset, tiny_config
 
 
 def run_cli(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -74,27 +35,54 @@ def read(path: Path) -> tuple[dict, dict]:
         return {k: f.get_tensor(k) for k in f.keys() if not k.startswith("rng.")}, f.metadata()
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
+# A stand-in for `vlkit pretrain` whose second checkpoint write is cut off: half of the new
+# file's bytes reach the disk, then the process gets SIGKILL before anything is renamed.
+KILL_MID_CHECKPOINT_WRITE = """
+import os, signal, sys
+import safetensors.torch as st
+real, calls = st.save_file, []
+def torn(tensors, filename, metadata=None):
+    if "last.safetensors" in os.path.basename(str(filename)):
+        calls.append(filename)
+        if len(calls) == 2:
+            data = st.save(tensors, metadata=metadata)
+            with open(filename, "wb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(tensors, filename, metadata=metadata)
+st.save_file = torn
+from vlkit.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    """(config file, run folder) of the tiny run left alone: 2 epochs x 4 steps."""
     from vlkit.pretrain.run import pretrain
 
-    meta = make_dataset(tmp_path / "data")
-    cfg_dict = tiny_config(meta, tmp_path / "runs")
-    cfg_path = tmp_path / "tiny.json"
-    cfg_path.write_text(json.dumps(cfg_dict))
+    tmp = tmp_path_factory.mktemp("resume")
+    cfg_path = tmp / "tiny.json"
+    cfg_path.write_text(json.dumps(tiny_config(make_dataset(tmp / "data"), tmp / "runs")))
+    ref = pretrain(load_config(cfg_path), run_dir=tmp / "ref", progress=False, export=False)
+    assert ref["train"]["global_step"] == 8
+    return cfg_path, tmp / "ref"
 
-    ref = pretrain(load_config(cfg_path), run_dir=tmp_path / "ref", progress=False, export=False)
-    assert ref["train"]["global_step"] == 8  # 2 epochs x 4 steps
 
-    crashed = run_cli(["--config", str(cfg_path), "--run-dir", str(tmp_path / "b"), "--no-progress"], {CRASH_ENV: "5"})
-    assert crashed.returncode == -9, crashed.stderr[-2000:]
-    _, meta_b = read(tmp_path / "b" / "checkpoints" / "last.safetensors")
-    assert json.loads(meta_b["progress"])["global_step"] == 4  # step 5 is lost and must be redone
+def _progress(run: Path) -> dict:
+    return json.loads(read(run / "checkpoints" / "last.safetensors")[1]["progress"])
 
-    resumed = pretrain(load_config(cfg_path), run_dir=tmp_path / "b", resume=True, progress=False, export=False)
+
+def _resume_and_compare(cfg_path: Path, ref_dir: Path, run: Path) -> None:
+    """Resume `run` to the end; its final state must equal the reference's bit for bit."""
+    from vlkit.pretrain.run import pretrain
+
+    resumed = pretrain(load_config(cfg_path), run_dir=run, resume=True, progress=False, export=False)
     assert resumed["train"]["global_step"] == 8
-
-    t_ref, m_ref = read(tmp_path / "ref" / "checkpoints" / "last.safetensors")
-    t_b, m_b = read(tmp_path / "b" / "checkpoints" / "last.safetensors")
+    t_ref, m_ref = read(ref_dir / "checkpoints" / "last.safetensors")
+    t_b, m_b = read(run / "checkpoints" / "last.safetensors")
     assert t_ref.keys() == t_b.keys()
     assert any(k.startswith("model.text_model.") for k in t_ref) and any(k.startswith("opt.") for k in t_ref)
     for k in t_ref:
@@ -105,6 +93,36 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     )
     assert hist_ref == hist_b and len(hist_ref) == 8  # same loss, temperature, lr, grad norm at every step
     assert m_ref["scheduler"] == m_b["scheduler"]
+
+
+@pytest.mark.parametrize(
+    "crash_after, saved",
+    [(5, {"global_step": 4, "epoch": 1, "step_in_epoch": 0}),  # last checkpoint at an epoch boundary
+     (3, {"global_step": 2, "epoch": 0, "step_in_epoch": 2})],  # last checkpoint mid-epoch
+    ids=["epoch-boundary", "mid-epoch"],
+)
+def test_run_killed_after_a_step_resumes_to_the_uninterrupted_state_bitwise(reference, tmp_path, crash_after, saved):
+    cfg_path, ref_dir = reference
+    crashed = run_cli(["--config", str(cfg_path), "--run-dir", str(tmp_path / "b"), "--no-progress"], {CRASH_ENV: str(crash_after)})
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    progress = _progress(tmp_path / "b")
+    assert {k: progress[k] for k in saved} == saved  # the steps after it are lost and must be redone
+    _resume_and_compare(cfg_path, ref_dir, tmp_path / "b")
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint_loadable(reference, tmp_path):
+    from vlkit.pretrain.checkpoint import load_checkpoint
+
+    cfg_path, ref_dir = reference
+    run = tmp_path / "b"
+    args = ["pretrain", "--config", str(cfg_path), "--run-dir", str(run), "--no-progress"]
+    crashed = subprocess.run([sys.executable, "-c", KILL_MID_CHECKPOINT_WRITE, *args], capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    ckpt = run / "checkpoints"
+    _, meta = load_checkpoint(ckpt / "last.safetensors")  # the first checkpoint, whole
+    assert meta["progress"]["global_step"] == 2
+    assert [p.name for p in ckpt.iterdir() if p.name.endswith(".tmp")], "the kill must have hit a write in progress"
+    _resume_and_compare(cfg_path, ref_dir, run)
 
 
 def test_resume_refuses_a_changed_config(tmp_path):

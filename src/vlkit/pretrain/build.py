@@ -57,6 +57,26 @@ def build_text_tower(cfg: ModelConfig):
     return AutoModel.from_config(hf_config), tokenizer
 
 
+def freeze_unread_poolers_(model: DualEncoder) -> list[str]:
+    """Freeze the pooler heads the configured pooling never reads; returns their names.
+
+    Text features pool the last hidden states (mean or CLS), so a BERT-style tower's
+    `pooler` never reaches the loss; nor does an image tower's when pooling is "cls"
+    or "mean". Such parameters get no gradient: harmless alone, but DDP (which does not
+    search for unused parameters every step) stops at the second step on them.
+    """
+    heads = [("text_model", getattr(model.text_model, "pooler", None))]
+    if model.image_pooling != "pooler":
+        heads.append(("vision_model", getattr(model.vision_model, "pooler", None)))
+    frozen = []
+    for prefix, head in heads:
+        if isinstance(head, torch.nn.Module):
+            for name, p in head.named_parameters():
+                p.requires_grad_(False)
+                frozen.append(f"{prefix}.pooler.{name}")
+    return frozen
+
+
 def build_model(cfg: ModelConfig, seed: int = 0) -> tuple[DualEncoder, object]:
     """The dual encoder (random image tower seeded by `seed`) and the text tokenizer."""
     torch.manual_seed(seed)
@@ -72,6 +92,7 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> tuple[DualEncoder, object]:
         text_pooling=cfg.text_tower.pooling,
         init_logit_scale=init_logit_scale(cfg.init_temperature),
     )
+    freeze_unread_poolers_(model)
     if cfg.lock_text:
         lock_(model.text_model)
     if cfg.lock_image:

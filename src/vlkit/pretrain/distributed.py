@@ -1,18 +1,32 @@
 """torch.distributed helpers for contrastive training across processes.
 
 The contrastive loss wants every rank's features as negatives. `gather_with_grad`
-all-gathers them through `torch.distributed.nn`, whose backward sums the feature
-gradients from every rank back onto their owner (as open_clip's gather-with-grad
-does); DDP's gradient averaging then yields exactly the full-batch gradient.
+all-gathers them; its backward sums the feature gradients from every rank back onto
+their owner (as open_clip's gather-with-grad does), and DDP's gradient averaging then
+yields exactly the full-batch gradient.
+
+Shutdown: `cleanup` must leave no gloo thread alive when the interpreter exits. A
+gloo worker thread that drops the last reference to a finished collective's tensor
+after finalisation has begun cannot take the GIL; the thread is then unwound through
+a noexcept destructor and the process dies with SIGABRT ("terminate called without
+an active exception"). The threads are joined only when the last reference to the
+process group goes, so nothing may keep one past `destroy_process_group`: not a
+live DDP wrapper (its reducer holds the group), and not `torch.distributed.nn`,
+whose functions bind `group.WORLD` as a default argument when first imported. DDP
+imports it lazily, after the group exists; importing it here, before any group is
+created, keeps those defaults None. (The gather below is its own small autograd
+function: `torch.distributed.nn`'s all_gather is deprecated.)
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional  # noqa: F401  (before any process group: see above)
 
 
 @dataclass(frozen=True)
@@ -51,13 +65,31 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums every rank's gradient of the gathered rows
+    and hands each rank the rows it contributed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = (dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        lo, hi = ctx.rows
+        return total[lo:hi]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from every rank in rank order; gradients flow back to each owner."""
+    """Concatenate `x` (same shape on every rank) from every rank in rank order;
+    gradients flow back to each owner."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 @torch.no_grad()
@@ -85,5 +117,11 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Destroy the process group, joining its threads (see the module docstring).
+
+    The caller must have dropped its DDP wrappers first; collecting garbage here
+    frees those that only a reference cycle still keeps."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+

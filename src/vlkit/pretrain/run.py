@@ -70,6 +70,7 @@ def pretrain(
 
     info = init_distributed()
     wall0 = time.perf_counter()
+    trainer = None
     try:
         path = _shared_run_dir(cfg, run_dir, info)
         if resume and not (path / "checkpoints").exists():
@@ -122,6 +123,7 @@ def pretrain(
         barrier()
         return metrics
     finally:
+        trainer = None  # also on an error (whose traceback keeps this frame): its DDP wrapper holds the group
         cleanup()
 
 
