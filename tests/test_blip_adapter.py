@@ -125,7 +125,7 @@ def test_coop_context_from_phrase_gives_zero_shot_logits(vl):
     img = torch.nn.functional.normalize(torch.randn(5, vl.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
     with torch.no_grad():
         coop = vl.logit_scale * img @ learner.text_features(vl).t()
-    zs = zeroshot.logits(vl, img, zeroshot.zeroshot_classifier(vl, CLASSES, "single", cache=False))
+    zs = zeroshot.logits(vl, img, zeroshot.zeroshot_classifier(vl, CLASSES, "photo", cache=False))
     assert (coop - zs).abs().max().item() <= 1e-5
 
 
