@@ -68,6 +68,33 @@ def test_recipe_defaults_and_schedule():
         CoOpConfig(precision="fp16")
 
 
+def test_train_coop_steps_the_warm_up_epoch_at_the_warm_up_rate_then_the_cosine_start(fake):
+    """Two epochs of one full batch each: epoch 1 is one SGD step at the constant 1e-5,
+    epoch 2 one at the base rate (the cosine's first value), replayed by hand from the
+    gradients of `coop_loss_backward` (momentum 0.9 and weight decay 5e-4 included)."""
+    freeze(fake)
+    x, y = _prototype_task(fake, 2, seed=4)  # 12 images < batch 32: one batch per epoch
+    cfg = CoOpConfig(prompt=PromptOptions(n_ctx=4), epochs=2, seed=3, lr=0.002, warmup_lr=1e-5)
+    result = train_coop(fake, NAMES, x, y, cfg)
+    assert [h["lr"] for h in result.history] == [1e-5, pytest.approx(0.002)]
+
+    learner = PromptLearner(fake, NAMES, cfg.prompt, generator=torch.Generator().manual_seed(cfg.seed))
+    p0 = learner.ctx.detach().clone()
+
+    def grad_at(ctx):
+        with torch.no_grad():
+            learner.ctx.copy_(ctx)
+        learner.ctx.grad = None
+        coop_loss_backward(fake, learner, x, y)
+        return learner.ctx.grad + cfg.weight_decay * ctx
+
+    buf = grad_at(p0)  # SGD's momentum buffer starts at the first gradient
+    p1 = p0 - cfg.warmup_lr * buf
+    buf = cfg.momentum * buf + grad_at(p1)
+    p2 = p1 - cfg.lr * buf
+    torch.testing.assert_close(result.learner.ctx.detach(), p2, atol=1e-7, rtol=1e-4)
+
+
 def test_sixteen_shots_learn_far_above_zero_shot(fake):
     x, y = _prototype_task(fake, 16, seed=1)
     xt, yt = _prototype_task(fake, 40, seed=2)

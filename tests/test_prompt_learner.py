@@ -93,6 +93,26 @@ def test_middle_and_front_layouts_follow_the_paper(request, backend):
     assert front.ctx_positions[0].tolist() == list(range(s + len(name), s + len(name) + 4))
 
 
+@pytest.mark.parametrize("backend", ["fake_causal", "tiny_clip_model"])
+def test_middle_layout_with_odd_context_puts_the_floor_half_first(request, fakes, backend):
+    """CoOp's code splits at n_ctx // 2: M=5 gives 2 context tokens, the class, then 3."""
+    model = fakes.get(backend) or request.getfixturevalue(backend)
+    tok = model.tokenizer
+    sp = special_tokens(model)
+    phrase = "a bad photo of a" if backend == "tiny_clip_model" else "a small photo of a"
+    words = tok.tokens(phrase)
+    assert len(words) == 5
+    name = tok.tokens("red heart")
+    mid = PromptLearner(model, ["red heart"], PromptOptions(ctx_init=phrase, position="middle"))
+    assert mid.token_ids[0].tolist() == sp.start + words[:2] + name + words[2:] + tok.tokens(".") + sp.end
+    s = len(sp.start)
+    assert mid.ctx_positions[0].tolist() == [s, s + 1] + [s + 2 + len(name) + i for i in range(3)]
+    # random init: the same split, the class sits after the second context slot
+    rand = PromptLearner(model, ["red heart"], PromptOptions(n_ctx=5, position="middle"))
+    assert rand.ctx_positions[0].tolist() == mid.ctx_positions[0].tolist()
+    assert rand.token_ids[0, s + 2 : s + 2 + len(name)].tolist() == name
+
+
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
 def test_assembled_sequence_holds_context_rows_and_frozen_rows(model, position):
     learner = PromptLearner(model, CLASSES, PromptOptions(n_ctx=4, position=position, csc=True),

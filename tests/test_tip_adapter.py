@@ -83,6 +83,31 @@ def test_tip_adapter_f_trains_keys_deterministically_and_improves_on_training_fr
     assert _acc(m1(xte), yte) > _acc(base(xte), yte) + 0.1
 
 
+def test_tip_adapter_f_keeps_the_best_epoch_on_validation_not_the_last():
+    """At lr 0.5 the keys overfit: validation accuracy peaks at epochs 1-2 and ends lower.
+    The returned keys are the earliest best epoch's: their accuracy (at the initial
+    alpha = beta = 1 that chose them) is the peak, not the last epoch's."""
+    zs, (xtr, ytr), (xva, yva), _ = _task(3)
+    grid = dict(beta_range=(0.1, 7, 5), alpha_range=(0.1, 3, 3))
+    model, found = fit_tip_adapter_f(xtr, ytr, xva, yva, zs, SCALE, epochs=10, batch_size=8, lr=0.5, seed=0, **grid)
+    history = found.epoch_val_accuracy
+    assert len(history) == 11 and history[-1] < max(history)
+    assert found.epoch == history.index(max(history)) == 1  # epochs 1 and 2 tie: the earlier one
+    kept = TipAdapter(model.keys.detach(), model.values, zs, SCALE, alpha=1.0, beta=1.0)
+    assert _acc(kept(xva), yva) == max(history)
+    assert not torch.equal(model.keys.detach(), build_cache(xtr, ytr, C)[0])
+
+
+def test_tip_adapter_f_ties_keep_the_earliest_epoch_down_to_the_untrained_cache():
+    """A validation accuracy that no epoch improves (0.5 throughout at lr 0.01) keeps
+    epoch 0: the training-free cache, bit for bit."""
+    zs, (xtr, ytr), (xva, yva), _ = _task(2)
+    grid = dict(beta_range=(0.1, 7, 5), alpha_range=(0.1, 3, 3))
+    model, found = fit_tip_adapter_f(xtr, ytr, xva, yva, zs, SCALE, epochs=10, batch_size=8, lr=1e-2, seed=0, **grid)
+    assert set(found.epoch_val_accuracy) == {0.5} and found.epoch == 0
+    assert torch.equal(model.keys.detach(), build_cache(xtr, ytr, C)[0])
+
+
 def test_bad_inputs_name_the_input():
     zs, (xtr, ytr), _, _ = _task(5)
     with pytest.raises(VlkitError, match="train labels"):

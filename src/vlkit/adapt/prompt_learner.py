@@ -3,7 +3,7 @@
 A prompt for class c is the token-embedding sequence
 
     [start specials] [V]_1 ... [V]_M [CLASS c] [.] [end specials]     (position "end")
-    [start specials] [V]_1..[V]_{M/2} [CLASS c] [V]_{M/2+1}..[V]_M [.] [end]   ("middle")
+    [start specials] [V]_1..[V]_{M//2} [CLASS c] [V]_{M//2+1}..[V]_M [.] [end]   ("middle", floor: CoOp's split)
     [start specials] [CLASS c] [V]_1 ... [V]_M [.] [end specials]     ("front")
 
 where the [V] are free vectors in the word-embedding space (one set shared by
@@ -287,7 +287,7 @@ def _layout(
     elif position == "front":
         body = name + ctx
         slots = list(range(len(name), len(name) + m))
-    else:  # middle: the first half of the context, the class, then the second half (paper, Sec. 3.2)
+    else:  # middle: the first M // 2 context tokens, the class, then the rest (CoOp's code; odd M puts more after)
         half = m // 2
         body = ctx[:half] + name + ctx[half:]
         slots = list(range(half)) + list(range(half + len(name), len(name) + m))

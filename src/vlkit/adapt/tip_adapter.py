@@ -98,9 +98,15 @@ class TipAdapter(nn.Module):
 
 @dataclass
 class SearchResult:
+    """The chosen (alpha, beta) and their validation accuracy; for Tip-Adapter-F also the
+    kept epoch (0: the untrained cache) and the validation accuracy after every epoch
+    (index 0 before training) at the initial alpha and beta, which chose it."""
+
     alpha: float
     beta: float
     val_accuracy: float
+    epoch: int = 0
+    epoch_val_accuracy: tuple[float, ...] = ()
 
 
 @torch.no_grad()
@@ -113,7 +119,9 @@ def search_alpha_beta(
     alpha_range: tuple[float, float, int] = (0.1, 3.0, 20),
 ) -> SearchResult:
     """Grid search of (alpha, beta) on validation features, as the paper's
-    `search_hp` (beta outer, alpha inner, first best kept); sets them on `model`."""
+    `search_hp`: beta outer, alpha inner, both ascending, and only a strictly better
+    accuracy replaces the best, so ties go to the smallest beta, then the smallest
+    alpha. Sets them on `model`."""
     labels = torch.as_tensor(val_labels).long()
     if len(val_features) == 0 or len(labels) != len(val_features):
         raise VlkitError(
@@ -165,8 +173,10 @@ def fit_tip_adapter_f(
     **search: tuple[float, float, int],
 ) -> tuple[TipAdapter, SearchResult]:
     """Tip-Adapter-F: fine-tune the cache keys with AdamW (lr 1e-3, eps 1e-4,
-    cosine schedule), one random augmented view per shot per epoch; keep the
-    epoch with the best validation accuracy, then search alpha/beta on validation."""
+    cosine schedule), one random augmented view per shot per epoch; keep the keys
+    of the epoch with the best validation accuracy (at `init_alpha`, `init_beta`;
+    the untrained cache counts as epoch 0 and ties go to the earliest epoch), then
+    search alpha/beta on validation."""
     views = _views(train_features)
     labels = torch.as_tensor(train_labels).long()
     keys, values = build_cache(views, labels, clip_weights.shape[0])
@@ -181,8 +191,9 @@ def fit_tip_adapter_f(
         with torch.no_grad():
             return float((model(val_features).argmax(1) == val_labels).float().mean())
 
-    best_acc, best_keys = val_acc(), model.keys.detach().clone()
-    for _ in range(epochs):
+    history = [val_acc()]
+    best_epoch, best_keys = 0, model.keys.detach().clone()
+    for epoch in range(1, epochs + 1):
         order = torch.randperm(len(views), generator=gen)
         pick = torch.randint(views.shape[1], (len(views),), generator=gen)
         for i in range(0, len(order), batch_size):
@@ -193,9 +204,11 @@ def fit_tip_adapter_f(
             loss.backward()
             opt.step()
             sched.step()
-        acc = val_acc()
-        if acc > best_acc:
-            best_acc, best_keys = acc, model.keys.detach().clone()
+        history.append(val_acc())
+        if history[-1] > history[best_epoch]:
+            best_epoch, best_keys = epoch, model.keys.detach().clone()
     with torch.no_grad():
         model.keys.copy_(best_keys)
-    return model, search_alpha_beta(model, val_features, val_labels, **search)
+    found = search_alpha_beta(model, val_features, val_labels, **search)
+    found.epoch, found.epoch_val_accuracy = best_epoch, tuple(history)
+    return model, found
