@@ -41,6 +41,35 @@ def test_probe_choice_follows_the_validation_split():
     assert flipped.val_accuracy == max(a for _, a in flipped.search)
 
 
+class _ScoredByC:
+    """Stands in for sklearn's fit: validation accuracy is a known function of C."""
+
+    def __init__(self, y_va: np.ndarray, score) -> None:
+        self.y_va, self.score, self.fitted = y_va, score, []
+
+    def __call__(self, x, y, C, max_iter, seed, start=None):
+        self.fitted.append(C)
+        wrong = round(len(self.y_va) * (1.0 - self.score(C)))
+        fake = type("Fit", (), {})()
+        fake.predict = lambda _x: np.where(np.arange(len(self.y_va)) < wrong, -1, self.y_va)
+        return fake
+
+
+def test_bisection_moves_toward_the_better_c(monkeypatch):
+    """Accuracy peaks at log10 C = 0.37 (off the coarse grid) and falls 0.1 per decade on
+    either side: the bisection must close in on the peak from the coarse best C = 1."""
+    import vlkit.adapt.linear_probe as lp
+
+    (xtr, ytr), (xva, yva), _ = _task(0)
+    yva = np.tile(yva.numpy(), 50)  # 1000 rows: accuracy resolves 0.001
+    xva = np.tile(xva.numpy(), (50, 1))
+    fake = _ScoredByC(yva, lambda C: max(0.0, 1.0 - 0.1 * abs(np.log10(C) - 0.37)))
+    monkeypatch.setattr(lp, "_fit", fake)
+    probe = fit_linear_probe(xtr, ytr, xva, yva, refine_steps=8)
+    assert abs(np.log10(probe.C) - 0.37) < 0.02, probe.search  # 8 halvings of 2 decades: within 0.008
+    assert probe.val_accuracy == pytest.approx(1.0 - 0.1 * abs(np.log10(probe.C) - 0.37), abs=1e-3)
+
+
 def test_probe_is_deterministic_and_normalises_inputs():
     (xtr, ytr), (xva, yva), (xte, _) = _task(2)
     a = fit_linear_probe(xtr, ytr, xva, yva, seed=3)

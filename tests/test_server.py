@@ -94,6 +94,30 @@ def test_upload_validation(client):
     assert r.status_code == 422 and "k=500" in r.json()["detail"]
 
 
+def test_upload_is_read_in_chunks_and_reading_stops_at_the_limit(client, monkeypatch):
+    """40 KB passes the middleware's bound (limit + form overhead) and reaches the endpoint,
+    which must read it a chunk at a time and stop once past the 2000-byte limit: a spy on
+    the spooled upload's `read` sees no unbounded read and about 2000 bytes, not 40 KB."""
+    import tempfile
+
+    from vlkit.retrieval import server
+
+    monkeypatch.setattr(server, "READ_CHUNK", 256)
+    reads: list[tuple[tuple, int]] = []
+    real = tempfile.SpooledTemporaryFile.read
+
+    def spy(self, *args):
+        data = real(self, *args)
+        reads.append((args, len(data)))
+        return data
+
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "read", spy)
+    r = client.post("/api/search/image", files={"file": ("big.png", os.urandom(40_000), "image/png")})
+    assert r.status_code == 413 and "larger than 2000 bytes" in r.json()["detail"]
+    assert reads and all(args and 0 < args[0] <= 256 for args, _ in reads), reads
+    assert 2000 < sum(n for _, n in reads) <= 2000 + 256
+
+
 def test_files_are_served_only_from_the_image_root(client, served):
     root, _ = served
     ok = client.get("/files/img/red.png")
