@@ -3,7 +3,9 @@
 Recipe of the paper (and its code) as the default: SGD (lr 0.002, momentum 0.9,
 weight decay 5e-4), batch 32, one warm-up epoch at a constant 1e-5, then a
 cosine schedule stepped per epoch; 50 epochs for 1 shot, 100 for 2-4, 200 for
-8-16. Everything is overridable through `CoOpConfig`.
+8-16, and 50 at every shot count on a task of ImageNet's size (1,000 classes or
+more: CoOp's scripts use its `*_ep50` configs for ImageNet in every setting).
+Everything is overridable through `CoOpConfig`.
 
 What differs from the reference code, on purpose:
 - A step runs only the text tower: image features of several augmented views
@@ -40,9 +42,13 @@ Precision = Literal["fp32", "bf16", "amp"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "amp")
 
 
-def epochs_for_shots(shots: int) -> int:
-    """The paper's epoch count: 50 for 1 shot, 100 for 2-4 shots, 200 for more."""
-    if shots <= 1:
+MANY_CLASSES = 1000  # ImageNet's class count: CoOp trains such a task 50 epochs
+
+
+def epochs_for_shots(shots: int, n_classes: int | None = None) -> int:
+    """The paper's epoch count: 50 for 1 shot, 100 for 2-4 shots, 200 for more;
+    50 at every shot count from `MANY_CLASSES` classes on (CoOp's ImageNet rule)."""
+    if shots <= 1 or (n_classes is not None and n_classes >= MANY_CLASSES):
         return 50
     if shots <= 4:
         return 100
@@ -51,10 +57,10 @@ def epochs_for_shots(shots: int) -> int:
 
 def run_epochs(epochs: int | None, shots: int | None, n_images: int, n_classes: int) -> int:
     """The epochs a run trains: `epochs` if given, else the paper's count for `shots`
-    (taken as images per class when not given)."""
+    (taken as images per class when not given) and the class count."""
     if epochs is not None:
         return epochs
-    return epochs_for_shots(shots if shots is not None else max(1, n_images // n_classes))
+    return epochs_for_shots(shots if shots is not None else max(1, n_images // n_classes), n_classes)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ Public API (used by CoOp, CoCoOp and KgCoOp):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal, Sequence
 
@@ -51,12 +52,17 @@ class PromptOptions:
     """The options of CoOp's prompt (paper section 3.2 and its ablations).
 
     n_ctx: number of context vectors M; ignored when `ctx_init` is given (then M is
-        the phrase's token count).
+        the phrase's token count, so every token of the phrase is learned; CoOp's
+        code counts words, which leaves a phrase's extra BPE tokens frozen: a
+        warning says where the two differ).
     ctx_init: a phrase such as "a photo of a" whose word embeddings initialise the
         context; None means random N(0, init_std^2) initialisation.
     position: where the class token goes: "end", "middle" or "front".
-    csc: class-specific context (one set of M vectors per class) instead of unified.
-    suffix: text after the class name, as in "a photo of a {class}.".
+    csc: class-specific context (one set of M vectors per class) instead of unified;
+        with `ctx_init` every class starts from the phrase (CoOp's code then learns
+        one shared context instead: a warning says so).
+    suffix: text after the class name, as in "a photo of a {class}."; it is
+        tokenised together with the name, as CoOp's code tokenises "name.".
     init_std: standard deviation of the random initialisation.
     truncate: cut sequences to the longest prompt (exact for towers that honour the
         attention mask, which the model protocol requires); False keeps the
@@ -147,16 +153,16 @@ class PromptLearner(nn.Module):
             init_ids = tok.tokens(options.ctx_init)
             if not init_ids:
                 raise VlkitError(f"ctx_init {options.ctx_init!r}: tokenizes to nothing; give a phrase with words")
+            _warn_where_coop_differs(options, len(init_ids))
         else:
             init_ids = [specials.placeholder] * options.n_ctx
         m = len(init_ids)
         self.n_ctx = m
-        tail = tok.tokens(options.suffix) if options.suffix else []
 
         rows: list[list[int]] = []
         positions: list[list[int]] = []
         for name in spoken:
-            name_ids = tok.tokens(name)
+            name_ids, tail = name_and_suffix_tokens(tok, name, options.suffix)
             if not name_ids:
                 raise VlkitError(f"class name {name!r}: tokenizes to nothing; rename the class")
             seq, pos = _layout(specials.start, init_ids, name_ids, tail, specials.end, options.position)
@@ -274,6 +280,43 @@ class PromptLearner(nn.Module):
         with torch.no_grad():
             new.ctx.copy_(self.ctx)
         return new
+
+
+def name_and_suffix_tokens(tok, name: str, suffix: str) -> tuple[list[int], list[int]]:
+    """The class name's tokens and the suffix's, from the two tokenised as one text.
+
+    CoOp's code tokenises "name." in one piece, and so does a zero-shot prompt. Under
+    CLIP's BPE a name ending in punctuation merges with the period ("tench (fish)."
+    ends in the token ")." where "tench (fish)" alone ends in ")"), so tokenising the
+    two apart would break the exact match of a "a photo of a" context with zero-shot
+    CLIP. As the reference (`name_lens`), the class slot is the first
+    len(tokens(name)) tokens of the joint text and the rest is the suffix.
+    """
+    name_ids = tok.tokens(name)
+    if not suffix:
+        return name_ids, []
+    glue = " " if suffix[0].isalnum() else ""
+    joint = tok.tokens(name + glue + suffix)
+    return joint[: len(name_ids)], joint[len(name_ids) :]
+
+
+def _warn_where_coop_differs(options: PromptOptions, n_tokens: int) -> None:
+    """vlkit keeps its (intended) reading of `ctx_init`; say where CoOp's code reads it otherwise."""
+    words = len(options.ctx_init.replace("_", " ").split())
+    if words != n_tokens:
+        warnings.warn(
+            f"ctx_init {options.ctx_init!r}: {words} words but {n_tokens} tokens; vlkit learns all {n_tokens} "
+            f"context vectors, CoOp's code would learn the first {words} and keep the rest as frozen words",
+            UserWarning,
+            stacklevel=3,
+        )
+    if options.csc:
+        warnings.warn(
+            f"ctx_init {options.ctx_init!r} with class-specific context: vlkit learns one context per class, each "
+            "starting from the phrase; CoOp's code ignores CSC when CTX_INIT is set and learns one shared context",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _layout(
