@@ -105,7 +105,7 @@ def _coop(inp: MethodInput, csc: bool) -> Fitted:
     from vlkit.adapt.prompt_learner import PromptOptions
 
     cfg = CoOpConfig(
-        prompt=PromptOptions(n_ctx=int(inp.options.get("n_ctx", 16)), position="end", csc=csc),
+        prompt=PromptOptions(n_ctx=int(inp.options.get("n_ctx", 16)), ctx_init=inp.options.get("ctx_init"), position="end", csc=csc),
         epochs=inp.epochs,
         seed=inp.seed,
         class_chunk=inp.options.get("class_chunk"),
@@ -113,6 +113,8 @@ def _coop(inp: MethodInput, csc: bool) -> Fitted:
     res = train_coop(inp.model, inp.classnames, inp.train_views, inp.train_labels, cfg, shots=inp.shots)
     w = classifier_weights(inp.model, res.learner, chunk_size=cfg.class_chunk)
     info = {"epochs": res.epochs, "train_seconds": round(res.seconds, 2), "n_ctx": res.learner.n_ctx, "csc": csc}
+    if cfg.prompt.ctx_init is not None:
+        info["ctx_init"] = cfg.prompt.ctx_init
 
     def transfer(names: list[str]) -> Logits:
         moved = res.learner.for_classnames(inp.model, names)
@@ -132,27 +134,46 @@ def coop_csc(inp: MethodInput) -> Fitted:
     return _coop(inp, csc=True)
 
 
-def cocoop(inp: MethodInput) -> Fitted:
+def _cocoop(inp: MethodInput, **variant: Any) -> Fitted:
     from vlkit.adapt.cocoop import CoCoOpConfig, cocoop_logits, train_cocoop
     from vlkit.adapt.kgcoop import context_from_template
     from vlkit.adapt.prompt_learner import PromptOptions
 
-    ctx_init, suffix = context_from_template(inp.templates[0])
+    if "ctx_init" in inp.options:  # e.g. the paper's "a photo of a"
+        ctx_init, suffix = str(inp.options["ctx_init"]), "."
+    else:
+        ctx_init, suffix = context_from_template(inp.templates[0])
     cfg = CoCoOpConfig(
         prompt=PromptOptions(ctx_init=ctx_init, suffix=suffix),
         seed=inp.seed,
         batch_size=int(inp.options.get("batch_size", 1)),
+        **variant,
     )
     if inp.epochs is not None:
         cfg = replace(cfg, epochs=inp.epochs)
     res = train_cocoop(inp.model, inp.classnames, inp.train_views, inp.train_labels, cfg)
-    info = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "train_seconds": round(res.seconds, 2), "ctx_init": ctx_init}
+    info = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "train_seconds": round(res.seconds, 2), "ctx_init": ctx_init, **variant}
 
     def transfer(names: list[str]) -> Logits:
         moved = res.model.for_classnames(inp.model, names)
         return lambda x: cocoop_logits(inp.model, moved, x)
 
     return Fitted(lambda x: cocoop_logits(inp.model, res.model, x), info, transfer)
+
+
+def cocoop(inp: MethodInput) -> Fitted:
+    """CoCoOp, context initialised from the task's hand-written prompt; fp32 parameters."""
+    return _cocoop(inp)
+
+
+def cocoop_fp16(inp: MethodInput) -> Fitted:
+    """CoCoOp as the official code trains it: context and meta-net held and updated in fp16."""
+    return _cocoop(inp, param_dtype="fp16")
+
+
+def cocoop_frozen(inp: MethodInput) -> Fitted:
+    """CoCoOp with the meta-net left at its random initialisation (an ablation: what the meta-net adds)."""
+    return _cocoop(inp, train_meta_net=False)
 
 
 def kgcoop(inp: MethodInput) -> Fitted:
@@ -231,6 +252,8 @@ METHODS: dict[str, Callable[[MethodInput], Fitted]] = {
     "coop": coop,
     "coop-csc": coop_csc,
     "cocoop": cocoop,
+    "cocoop-fp16": cocoop_fp16,
+    "cocoop-frozen": cocoop_frozen,
     "kgcoop": kgcoop,
     "clip-adapter": clip_adapter,
     "tip-adapter": tip_adapter,
