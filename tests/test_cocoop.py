@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from coop_fakes import FakeVLModel
 from vlkit import zeroshot
-from vlkit.adapt.cocoop import CoCoOp, CoCoOpConfig, cocoop_logits, train_cocoop
+from vlkit.adapt.cocoop import CoCoOp, CoCoOpConfig, HalfSGD, cocoop_logits, train_cocoop
 from vlkit.adapt.coop import classifier_weights, prompt_logits
 from vlkit.adapt.prompt_learner import PromptLearner, PromptOptions
 from vlkit.errors import VlkitError
@@ -119,12 +119,13 @@ def _seeded_cocoop(model, cfg: CoCoOpConfig) -> CoCoOp:
 
 
 def _fp16_sgd_step(p, g, buf, lr, mu, wd):
-    """SGD in fp16: d = g + wd*p, buf = mu*buf + d (first step: d), p = p - lr*buf, each
-    op's exact value (float64 suffices) rounded to fp16, scalars in fp32."""
+    """SGD in fp16: d = g + wd*p, buf = mu*buf + d (first step: d), p = p - lr*buf, with
+    fp32 scalars; each op's exact value (float64 here) rounded to fp32 then to fp16."""
     lr, mu, wd = (float(torch.tensor(v, dtype=torch.float32)) for v in (lr, mu, wd))
-    d = (g.double() + wd * p.double()).half()
-    buf = d if buf is None else ((mu * buf.double()).half().double() + d.double()).half()
-    return (p.double() - lr * buf.double()).half(), buf
+    r = lambda exact: exact.float().half()
+    d = r(g.double() + wd * p.double())
+    buf = d if buf is None else r(r(mu * buf.double()).double() + d.double())
+    return r(p.double() - lr * buf.double()), buf
 
 
 def test_fp16_parameters_are_updated_by_sgd_in_fp16_step_for_step(model):
@@ -183,3 +184,20 @@ def test_frozen_meta_net_stays_at_its_init_while_the_context_trains(model, param
         assert torch.equal(trained.detach(), start.detach().to(trained.dtype))
     assert not torch.equal(res.model.learner.ctx.detach().float(), init.learner.ctx.detach())
     assert res.history[-1]["meta_out_unmoved"] == 1.0 and res.history[-1]["ctx_unmoved"] < 1.0
+
+
+def test_half_sgd_uses_fp32_scalars_and_rounds_each_op_once_to_fp16():
+    # an update of half an fp16 step is a tie that rounds to even: p stays 1.0 (underflow)
+    p = torch.nn.Parameter(torch.ones(1, dtype=torch.float16))
+    opt = HalfSGD([p], lr=2**-12, momentum=0.5, weight_decay=0.0)
+    p.grad = torch.ones(1, dtype=torch.float16)
+    opt.step()
+    assert p.item() == 1.0 and opt.state[p]["momentum_buffer"].item() == 1.0  # first step: buf = d
+    opt.param_groups[0]["lr"] = 2**-10
+    opt.step()  # buf = 0.5 * 1 + 1 = 1.5; p = 1 - 1.5 * 2^-10 = 1 - 3 * 2^-11, representable
+    assert opt.state[p]["momentum_buffer"].item() == 1.5 and p.item() == 1 - 3 * 2**-11
+    # lr = 1024 - 3 * 2^-16 is 1024 - 2^-14 in fp32, so 1024 - lr is 2^-14 (exact scalars: 3 * 2^-16)
+    p = torch.nn.Parameter(torch.full((1,), 1024.0, dtype=torch.float16))
+    p.grad = torch.ones(1, dtype=torch.float16)
+    HalfSGD([p], lr=1024 - 3 * 2**-16, momentum=0.9, weight_decay=0.0).step()
+    assert p.item() == 2**-14

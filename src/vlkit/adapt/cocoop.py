@@ -142,13 +142,12 @@ class HalfSGD(torch.optim.Optimizer):
     """torch's SGD (momentum, weight decay, no dampening) on fp16 parameters, as its
     CUDA kernels compute it in the official fp16 runs: each tensor op of the update
     (d = g + wd p; buf = mu buf, then buf + d, or d on the first step; p - lr buf)
-    is evaluated from its fp16 operands and fp32 scalars and rounded once to fp16.
+    takes its fp16 operands and fp32 scalars, is evaluated in fp32 (one rounding,
+    multiply-add fused) and rounded to fp16.
 
     Spelled out because torch's own SGD on fp16 CPU tensors rounds differently by
     position (its vectorised blocks round the scalar to fp16, the tail rounds every
     product too), so the result would depend on the tensor's length and the CPU.
-    float64 is exact enough that the single rounding to fp16 is the correct one,
-    which is also what CUDA's fp32 math (fused multiply-add) gives.
     """
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float) -> None:
@@ -161,15 +160,15 @@ class HalfSGD(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                d = (_wide(p.grad) + wd * _wide(p)).half()
+                d = _to_fp16(_wide(p.grad) + wd * _wide(p))
                 state = self.state[p]
                 if "momentum_buffer" in state:
-                    buf = (mu * _wide(state["momentum_buffer"])).half()
-                    buf = (_wide(buf) + _wide(d)).half()
+                    buf = _to_fp16(mu * _wide(state["momentum_buffer"]))
+                    buf = _to_fp16(_wide(buf) + _wide(d))
                 else:
                     buf = d.clone()
                 state["momentum_buffer"] = buf.to(p.device)
-                p.copy_((_wide(p) - lr * _wide(buf)).half())
+                p.copy_(_to_fp16(_wide(p) - lr * _wide(buf)))
 
 
 def _fp32(x: float) -> float:
@@ -178,8 +177,13 @@ def _fp32(x: float) -> float:
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
-    """float64 copy for exact op math (on the CPU where the device has no float64)."""
+    """float64 copy, exact for these ops (on the CPU where the device has no float64)."""
     return t.to("cpu" if t.device.type == "mps" else t.device, torch.float64)
+
+
+def _to_fp16(exact: torch.Tensor) -> torch.Tensor:
+    """Round as a fused fp32 op then its conversion to fp16 do: to fp32, then to fp16."""
+    return exact.float().half()
 
 
 @torch.no_grad()
