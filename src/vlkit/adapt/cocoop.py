@@ -18,12 +18,12 @@ SGD lr 0.002, batch 1, 10 epochs, one warm-up epoch at 1e-5, cosine schedule.
 Precision of the trainable parameters: by default the context and the meta-net
 are fp32 and SGD updates them in fp32. The official code (`PREC: "fp16"`) holds
 both as fp16 tensors and lets SGD update them there (fp16 gradient, momentum
-buffer and weight decay), so most small updates round away and the meta-net
+buffer and weight decay), so many small updates round away and the meta-net
 stays near its random initialisation. `param_dtype="fp16"` reproduces exactly
 that update (`HalfSGD`: torch's SGD arithmetic on CUDA fp16 tensors, one
 rounding to fp16 per op), while the forward runs in fp32 from the fp16 values;
 it exists to compare against the paper, not as the default, because losing
-updates to rounding is a defect of the recipe, not part of the method.
+updates to rounding is an accident of the recipe, not part of the method.
 `train_meta_net=False` freezes the meta-net at its initialisation, the limit of
 that behaviour. Each epoch's history records the fraction of context and
 meta-net output-layer entries still at their initial values.
