@@ -179,7 +179,7 @@ def kgcoop(inp: MethodInput) -> Fitted:
         w_new = classifier_weights(inp.model, res.learner.for_classnames(inp.model, names))
         return lambda x: prompt_logits(inp.model, x, w_new).cpu()
 
-    return Fitted(lambda x: prompt_logits(inp.model, x, w).cpu(), info, transfer, {"learner": res.learner})
+    return Fitted(lambda x: prompt_logits(inp.model, x, w).cpu(), info, transfer)
 
 
 def clip_adapter(inp: MethodInput) -> Fitted:
@@ -205,7 +205,7 @@ def clip_adapter(inp: MethodInput) -> Fitted:
         return lambda x: moved(x).detach()
 
     info = {"ratio": res.ratio, "val_acc": res.val_accuracy, "schedule": kw["schedule"], "epochs": res.epochs}
-    return Fitted(lambda x: model(x).detach(), info, transfer, {"adapter": model})
+    return Fitted(lambda x: model(x).detach(), info, transfer)
 
 
 def _tip_grid(inp: MethodInput) -> dict[str, Any]:
@@ -220,11 +220,6 @@ def _tip_grid(inp: MethodInput) -> dict[str, Any]:
     return grid
 
 
-def _tip_fitted(model, found) -> Fitted:
-    info = {"alpha": found.alpha, "beta": found.beta, "val_acc": found.val_accuracy}
-    return Fitted(lambda x: model(x).detach(), info, artefacts={"cache": model})
-
-
 def tip_adapter(inp: MethodInput) -> Fitted:
     """Training-free Tip-Adapter: keys = normalised mean of `train_views` (raw views give the official keys)."""
     from vlkit.adapt.tip_adapter import fit_tip_adapter
@@ -232,7 +227,7 @@ def tip_adapter(inp: MethodInput) -> Fitted:
     model, found = fit_tip_adapter(
         inp.train_views, inp.train_labels, inp.val_features, inp.val_labels, inp.zeroshot_weights(), inp.logit_scale, **_tip_grid(inp)
     )
-    return _tip_fitted(model, found)
+    return Fitted(lambda x: model(x).detach(), {"alpha": found.alpha, "beta": found.beta, "val_acc": found.val_accuracy})
 
 
 def tip_adapter_f(inp: MethodInput) -> Fitted:
@@ -252,7 +247,7 @@ def tip_adapter_f(inp: MethodInput) -> Fitted:
         **kw,
         **_tip_grid(inp),
     )
-    return _tip_fitted(model, found)
+    return Fitted(lambda x: model(x).detach(), {"alpha": found.alpha, "beta": found.beta, "val_acc": found.val_accuracy})
 
 
 METHODS: dict[str, Callable[[MethodInput], Fitted]] = {
