@@ -22,7 +22,10 @@ data is no measure of accuracy on unseen data, and a full validation set is not
 
 Domain generalisation runs the few-shot recipes. Under `paper`, Tip-Adapter's
 views are its own (`own_views`): the shared cache keeps vlkit's views for the
-other methods.
+other methods. Tip-Adapter-F then fine-tunes on one of those 10 cached views per
+shot per epoch, where the official code draws a fresh crop every epoch. Methods
+without a recipe here (zero-shot, the linear probe, CoOp in the few-shot grid)
+run as under vlkit, so a paper-protocol run of them repeats vlkit's numbers.
 """
 
 from __future__ import annotations
