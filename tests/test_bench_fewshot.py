@@ -31,7 +31,7 @@ class SyntheticTasks:
         x = F.normalize(self.w[y][:, None] + 0.35 * torch.randn(*shape, generator=g), dim=-1)
         return (x if views else x[:, 0]), y
 
-    def split(self, task, shots, seed, styles=False):
+    def split(self, task, shots, seed, styles=False, own=None):
         self.calls.append((task, shots, seed))
         offset = 0 if task == "a" else 100
         views, y = self._draw(shots, seed + offset, views=2)
@@ -190,7 +190,7 @@ def test_base_to_new_and_domain_tables(tmp_path, model):
 
 def test_an_eval_set_under_two_names_is_scored_once(tmp_path, model):
     class OneTestStyle(SyntheticTasks):  # as TaskFeatures when the test split holds one style
-        def split(self, task, shots, seed, styles=False):
+        def split(self, task, shots, seed, styles=False, own=None):
             split = super().split(task, shots, seed, styles)
             split.evals["target:openmoji"] = split.evals["test"]
             return split

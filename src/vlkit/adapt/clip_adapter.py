@@ -8,19 +8,28 @@ matched against the frozen zero-shot text classifier. With r = 0 the logits are
 exactly the zero-shot logits. Only the adapter trains, so training runs on
 cached image features (one random augmented view per shot per epoch).
 
-The ratio is chosen on the few-shot validation split from `ratios`.
+The ratio is chosen on the few-shot validation split from `ratios` (the
+official code fixes it at 0.2: `ratios=(0.2,)`). The learning rate follows a
+cosine stepped per step without warm-up, or (`schedule="dassl"`, the Dassl
+trainer the official code runs in) one constant warm-up epoch at 1e-5, then a
+cosine stepped per epoch, as CoOp's.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.adapt.coop import lr_at_epoch
 from vlkit.errors import VlkitError
+
+Schedule = Literal["step-cosine", "dassl"]
+SCHEDULES: tuple[str, ...] = ("step-cosine", "dassl")
 
 
 class CLIPAdapter(nn.Module):
@@ -54,6 +63,7 @@ class CLIPAdapterResult:
     ratio: float
     val_accuracy: float
     search: list[tuple[float, float]] = field(default_factory=list)
+    epochs: int = 0
 
 
 def _train_one(
@@ -67,14 +77,18 @@ def _train_one(
     lr: float,
     batch_size: int,
     seed: int,
+    schedule: Schedule,
 ) -> CLIPAdapter:
     torch.manual_seed(seed)  # adapter initialisation
     model = CLIPAdapter(clip_weights, logit_scale, ratio)
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(views) / batch_size)
     opt = torch.optim.SGD(model.adapter.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    for _ in range(epochs):
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps)) if schedule == "step-cosine" else None
+    for epoch in range(epochs):
+        if sched is None:  # Dassl: set once per epoch
+            for group in opt.param_groups:
+                group["lr"] = lr_at_epoch(epoch, epochs, lr)
         order = torch.randperm(len(views), generator=gen)
         pick = torch.randint(views.shape[1], (len(views),), generator=gen)
         for i in range(0, len(order), batch_size):
@@ -83,7 +97,8 @@ def _train_one(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
     return model.eval()
 
 
@@ -100,11 +115,12 @@ def fit_clip_adapter(
     lr: float = 2e-3,
     batch_size: int = 32,
     seed: int = 0,
+    schedule: Schedule = "step-cosine",
 ) -> tuple[CLIPAdapter, CLIPAdapterResult]:
-    """Train one adapter per residual ratio (SGD, momentum 0.9, cosine schedule,
-    the Dassl recipe CoOp and CLIP-Adapter share) and keep the ratio with the best
-    validation accuracy (ties: the smaller ratio). `train_features` is [N, D] or
-    [N, views, D]."""
+    """Train one adapter per residual ratio (SGD, momentum 0.9, weight decay 5e-4,
+    the optimiser of the Dassl recipe CoOp and CLIP-Adapter share; lr by `schedule`)
+    and keep the ratio with the best validation accuracy (ties: the smaller ratio).
+    `train_features` is [N, D] or [N, views, D]."""
     views = train_features.float()
     views = views[:, None, :] if views.ndim == 2 else views
     labels = torch.as_tensor(train_labels).long()
@@ -115,11 +131,13 @@ def fit_clip_adapter(
         raise VlkitError("validation features: CLIP-Adapter picks its ratio on a non-empty few-shot validation split")
     if not ratios:
         raise VlkitError("ratios: give at least one residual ratio to try")
+    if schedule not in SCHEDULES:
+        raise VlkitError(f"schedule {schedule!r}: unknown; use one of {', '.join(SCHEDULES)}")
     best: tuple[float, CLIPAdapter, float] | None = None
     search = []
     for ratio in sorted(ratios):
         model = _train_one(
-            views, labels, clip_weights, logit_scale, ratio, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed
+            views, labels, clip_weights, logit_scale, ratio, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, schedule=schedule
         )
         with torch.no_grad():
             acc = float((model(val_features).argmax(1) == val_labels).float().mean())
@@ -127,4 +145,4 @@ def fit_clip_adapter(
         if best is None or acc > best[0]:
             best = (acc, model, ratio)
     acc, model, ratio = best
-    return model, CLIPAdapterResult(ratio, acc, search)
+    return model, CLIPAdapterResult(ratio, acc, search, epochs)

@@ -112,9 +112,13 @@ def augmented_features(
     batch_size: int = 64,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    raw: bool = False,
 ) -> torch.Tensor:
     """Normalised features [N, views, D] (float32, CPU) of `opts.views` augmented views per image.
 
+    raw: return the image tower's features before L2 normalisation instead (Tip-Adapter's
+        official cache averages those); the cache stores the normalised features plus
+        each view's norm, so both forms come from one entry.
     With `cache_dir` (and images given as paths) the tensor is stored there as
     safetensors keyed by model fingerprint, preprocessing, augmentation options and
     each file's size and mtime, so a rerun skips the image tower entirely.
@@ -126,9 +130,13 @@ def augmented_features(
             from safetensors.torch import load_file
 
             try:
-                cached = load_file(str(disk))["features"]
-                if cached.shape[:2] == (len(images), opts.views):
-                    return cached
+                cached = load_file(str(disk))
+                feats = cached["features"]
+                if feats.shape[:2] == (len(images), opts.views):
+                    if not raw:
+                        return feats
+                    if "norms" in cached:  # entries written before norms were kept are recomputed
+                        return feats * cached["norms"][..., None]
             except Exception:  # a damaged cache entry is recomputed and overwritten
                 pass
 
@@ -140,7 +148,7 @@ def augmented_features(
     slots: list[tuple[int, int]] = []
 
     def flush() -> None:
-        feats = model.encode_image(torch.stack(pending).to(device)).float().cpu()
+        feats = model.encode_image(torch.stack(pending).to(device), normalize=False).float().cpu()
         for (i, v), f in zip(slots, feats):
             out[i, v] = f
         pending.clear()
@@ -160,9 +168,10 @@ def augmented_features(
                 flush()
     if pending:
         flush()
-    out = torch.nn.functional.normalize(out, dim=-1)
+    norms = out.norm(dim=-1)
+    normed = torch.nn.functional.normalize(out, dim=-1)
     if disk is not None:
         from vlkit import io
 
-        io.save_safetensors(disk, {"features": out}, metadata={"augment": json.dumps(opts.to_dict())})
-    return out
+        io.save_safetensors(disk, {"features": normed, "norms": norms}, metadata={"augment": json.dumps(opts.to_dict())})
+    return out if raw else normed

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,8 @@ def _views(train_features: torch.Tensor) -> torch.Tensor:
 
 def build_cache(train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cache keys (the per-shot mean over augmented views, L2-normalised, as the
-    paper averages its augmentation epochs) and one-hot values."""
+    paper averages its augmentation epochs; given raw, unnormalised views this is
+    exactly the official key) and one-hot values."""
     x = _views(train_features)
     labels = torch.as_tensor(train_labels).long()
     if len(labels) != len(x):
@@ -117,11 +119,13 @@ def search_alpha_beta(
     *,
     beta_range: tuple[float, float, int] = (0.1, 7.0, 200),
     alpha_range: tuple[float, float, int] = (0.1, 3.0, 20),
+    endpoint: bool = True,
 ) -> SearchResult:
     """Grid search of (alpha, beta) on validation features, as the paper's
     `search_hp`: beta outer, alpha inner, both ascending, and only a strictly better
     accuracy replaces the best, so ties go to the smallest beta, then the smallest
-    alpha. Sets them on `model`."""
+    alpha. Each range (lo, hi, n) is n evenly spaced values from lo to hi; the
+    official grid (`endpoint=False`) stops one step short of hi. Sets them on `model`."""
     labels = torch.as_tensor(val_labels).long()
     if len(val_features) == 0 or len(labels) != len(val_features):
         raise VlkitError(
@@ -131,9 +135,9 @@ def search_alpha_beta(
     clip = model.clip_logits(val_features)
     aff = model.affinity(val_features)
     best = SearchResult(model.alpha, model.beta, -1.0)
-    for beta in np.linspace(*beta_range[:2], int(beta_range[2])):
+    for beta in np.linspace(*beta_range[:2], int(beta_range[2]), endpoint=endpoint):
         cache = torch.exp(-float(beta) * (1.0 - aff)) @ model.values
-        for alpha in np.linspace(*alpha_range[:2], int(alpha_range[2])):
+        for alpha in np.linspace(*alpha_range[:2], int(alpha_range[2]), endpoint=endpoint):
             acc = float(((clip + float(alpha) * cache).argmax(1) == labels).float().mean())
             if acc > best.val_accuracy:
                 best = SearchResult(float(alpha), float(beta), acc)
@@ -148,7 +152,7 @@ def fit_tip_adapter(
     val_labels: torch.Tensor,
     clip_weights: torch.Tensor,
     logit_scale: float,
-    **search: tuple[float, float, int],
+    **search: Any,
 ) -> tuple[TipAdapter, SearchResult]:
     """Training-free Tip-Adapter: build the cache, search alpha/beta on validation."""
     keys, values = build_cache(train_features, train_labels, clip_weights.shape[0])
@@ -170,7 +174,7 @@ def fit_tip_adapter_f(
     init_alpha: float = 1.0,
     init_beta: float = 1.0,
     seed: int = 0,
-    **search: tuple[float, float, int],
+    **search: Any,
 ) -> tuple[TipAdapter, SearchResult]:
     """Tip-Adapter-F: fine-tune the cache keys with AdamW (lr 1e-3, eps 1e-4,
     cosine schedule), one random augmented view per shot per epoch; keep the keys

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from vlkit.adapt import DEFAULT_VIEWS
+from vlkit.bench.protocols import OwnViews
 from vlkit.errors import VlkitError
 from vlkit.models.base import VLModel
 
@@ -88,14 +89,16 @@ class TaskFeatures:
             return torch.empty(0, self.model.embed_dim), torch.empty(0, dtype=torch.long)
         return torch.stack([self._feats[r] for r, _ in kept]), torch.tensor([y for _, y in kept], dtype=torch.long)
 
-    def train_views(self, task, rows: list[tuple[str, int]]) -> torch.Tensor:
-        """[N, V, D] augmented views of the shots (cached on disk by the CoOp feature cache)."""
+    def train_views(self, task, rows: list[tuple[str, int]], own: OwnViews | None = None) -> torch.Tensor:
+        """[N, V, D] augmented views of the shots (cached on disk by the CoOp feature cache):
+        `self.views` normalised views, or a method's `own` views (the paper protocol's Tip-Adapter)."""
         from vlkit.adapt.features import AugmentOptions, augmented_features
         from vlkit.zeroshot import default_cache_dir
 
         paths = [str(task.root / rel) for rel, _ in rows]
         cache_dir = default_cache_dir() if self.cache else None
-        return augmented_features(self.model, paths, AugmentOptions(views=self.views), cache_dir=cache_dir, progress=self.progress)
+        augment, raw = (own.augment, own.raw) if own is not None else (AugmentOptions(views=self.views), False)
+        return augmented_features(self.model, paths, augment, cache_dir=cache_dir, progress=self.progress, raw=raw)
 
     def styles(self, task) -> dict[str, str]:
         """Relative path -> artwork style, from the built metadata of the task's datasets."""
@@ -110,23 +113,23 @@ class TaskFeatures:
         return self._styles[task.name]
 
     # -- splits -------------------------------------------------------------------
-    def _split_of(self, task, fewshot, name: str, evals: dict[str, Labelled]) -> FewShotSplit:
+    def _split_of(self, task, fewshot, name: str, evals: dict[str, Labelled], own: OwnViews | None = None) -> FewShotSplit:
         train_rows = fewshot.splits["train"]
         x_tr, y_tr = self.features(task, train_rows)
         ok = {rel for rel in self._feats}
         train_rows = [(r, y) for r, y in train_rows if r in ok]
         if not train_rows:
             raise VlkitError(f"{name}: no readable training images in the few-shot draw; check the built data")
-        views = self.train_views(task, train_rows)
+        views = self.train_views(task, train_rows, own)
         x_va, y_va = self.features(task, fewshot.splits["val"])
         if len(x_va) == 0:
             raise VlkitError(f"{name}: the validation split is empty; methods choose hyper-parameters on it")
         return FewShotSplit(name, list(fewshot.classnames), list(task.templates), views, x_tr, y_tr, x_va, y_va, evals)
 
-    def split(self, task_name: str, shots: int, seed: int, *, styles: bool = False) -> FewShotSplit:
+    def split(self, task_name: str, shots: int, seed: int, *, styles: bool = False, own: OwnViews | None = None) -> FewShotSplit:
         """The K-shot draw for `seed`, with test features under evals['test'] (and one
         eval set per test style, plus 'source' = unused train-style images, at most
-        `source_limit` of them, if `styles`)."""
+        `source_limit` of them, if `styles`); `own`: the method's own training views."""
         from vlkit.data.fewshot import load_fewshot
 
         task = self.task(task_name)
@@ -146,7 +149,7 @@ class TaskFeatures:
                 source = sorted(random.Random(0).sample(source, self.source_limit))
             if source:
                 evals["source"] = self.features(task, source)
-        return self._split_of(task, fewshot, task_name, evals)
+        return self._split_of(task, fewshot, task_name, evals, own)
 
     def base_new(self, task_name: str, shots: int, seed: int) -> tuple[FewShotSplit, list[str], Labelled]:
         """CoCoOp's protocol: draw shots on the full task, then keep base classes for

@@ -11,6 +11,10 @@ style) write their own JSONL and tables beside it.
 Zero-shot methods do not depend on shots or seeds; they run once per task and
 are recorded with shots = 0, seed = 0. Test data is only ever used here, after
 a method has returned its predictor.
+
+`protocol` ("vlkit" or "paper", `vlkit.bench.protocols`) picks vlkit's defaults
+or each method's official recipe; it is part of a folder's settings and of every
+record (records from before it existed are "vlkit" runs).
 """
 
 from __future__ import annotations
@@ -27,10 +31,16 @@ from vlkit import io, runs
 from vlkit.adapt import DEFAULT_VIEWS
 from vlkit.bench.data import FewShotSplit, TaskFeatures
 from vlkit.bench.methods import METHODS, NO_TRANSFER, TRAINING_FREE, Fitted, MethodInput, check_methods
+from vlkit.bench.protocols import check_protocol, method_options, own_views
 from vlkit.errors import VlkitError
 from vlkit.models.base import VLModel
 
 Log = Callable[[str], None]
+DEFAULTS = {"protocol": "vlkit"}  # what a record or settings file without the key means
+
+
+def protocol_of(record: dict[str, Any]) -> str:
+    return record.get("protocol", DEFAULTS["protocol"])
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -57,7 +67,7 @@ class Results:
             io.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good))
 
     def has(self, key: dict[str, Any]) -> bool:
-        return any(all(r.get(k) == v for k, v in key.items()) for r in self.records)
+        return any(all(r.get(k, DEFAULTS.get(k)) == v for k, v in key.items()) for r in self.records)
 
     def add(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,17 +79,17 @@ class Results:
 
 
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse to mix results of another model or budget in one folder."""
+    """Refuse to mix results of another model, budget or protocol in one folder."""
     path = out / "settings.json"
     if path.exists():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
             raise VlkitError(f"{path}: damaged; delete it (its results.jsonl stays) or use another --out folder") from None
-        for key in ("model_fingerprint", "epochs", "views", "options"):
-            if old.get(key) != settings.get(key):
+        for key in ("model_fingerprint", "epochs", "views", "options", "protocol"):
+            if old.get(key, DEFAULTS.get(key)) != settings.get(key):
                 raise VlkitError(
-                    f"{out}: holds results for {key}={old.get(key)!r}, this run has {settings.get(key)!r}; "
+                    f"{out}: holds results for {key}={old.get(key, DEFAULTS.get(key))!r}, this run has {settings.get(key)!r}; "
                     "use another --out folder or the same settings"
                 )
     else:
@@ -131,6 +141,7 @@ def run_fewshot(
     views: int = DEFAULT_VIEWS,
     options: dict[str, dict[str, Any]] | None = None,
     provider: TaskFeatures | None = None,
+    protocol: str = "vlkit",
     domain_styles: bool = False,
     on_fit: Callable[[dict[str, Any], Fitted], None] | None = None,
     log: Log = print,
@@ -139,11 +150,13 @@ def run_fewshot(
 
     epochs: one epoch budget for every trained method (None = each paper's recipe).
     options: per-method settings, e.g. {"tip-adapter": {"beta_steps": 50}, "cocoop": {"epochs": 5}}
-        (a method's own "epochs" overrides `epochs`).
+        (a method's own "epochs" overrides `epochs`), on top of the protocol's.
+    protocol: "vlkit" (vlkit's defaults) or "paper" (each method's official recipe).
     domain_styles: also evaluate per held-out test style and on unused train-style images.
     on_fit: called with each run's key and fitted method (e.g. to keep a learned prompt).
     """
     methods = check_methods(methods)
+    check_protocol(protocol)
     if not tasks or not shots or not seeds:
         raise VlkitError("tasks, shots and seeds: give at least one of each")
     if any(k < 1 for k in shots):
@@ -158,6 +171,7 @@ def run_fewshot(
         "epochs": epochs,
         "views": provider.views,
         "options": options,
+        "protocol": protocol,
         "versions": runs.library_versions(),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -167,11 +181,13 @@ def run_fewshot(
         for method in methods:
             plan = [(0, 0)] if method in TRAINING_FREE else [(k, s) for k in shots for s in seeds]
             for k, seed in plan:
-                key = {"kind": "fewshot", "task": task, "method": method, "shots": k, "seed": seed}
+                key = {"kind": "fewshot", "protocol": protocol, "task": task, "method": method, "shots": k, "seed": seed}
                 if results.has(key):
                     continue
-                split = provider.split(task, max(k, 1), seed if seed else seeds[0], styles=domain_styles)
-                inp = _input(vl, split, k, seed, epochs, options.get(method, {}))
+                own = own_views(protocol, method)
+                split = provider.split(task, max(k, 1), seed if seed else seeds[0], styles=domain_styles, own=own)
+                opts = method_options(protocol, "fewshot", method, options.get(method, {}), epochs)
+                inp = _input(vl, split, k, seed, epochs, opts)
                 fitted, seconds = _fit(method, inp)
                 if on_fit is not None:
                     on_fit(key, fitted)
@@ -189,6 +205,7 @@ def run_fewshot(
                     "n_test": int(len(split.evals["test"][1])),
                     "seconds": round(seconds, 3),
                     "epochs": inp.epochs,  # None: the method's own recipe
+                    "views": int(split.train_views.shape[1]),
                     "info": fitted.info,
                 }
                 results.add(record)
@@ -226,7 +243,8 @@ def merge_results(
 ) -> list[dict[str, Any]]:
     """One report over several result folders, e.g. tasks run at different budgets.
 
-    Refuses folders of different models and a run found in two folders; writes
+    Refuses folders of different models and a run found in two folders (runs of
+    the two protocols are different runs, shown as `<method> (paper)`); writes
     results.jsonl, sources.json (each folder's settings, so every budget stays on
     record), table.md + fewshot.png and, when there are such runs, base_to_new.md.
     """
@@ -247,7 +265,7 @@ def merge_results(
         if len(prints) > 1:
             raise VlkitError(f"{src}: results of another model ({sorted(map(str, prints))}); merge one model's folders at a time")
         for r in Results(src / "results.jsonl").records:
-            key = (r.get("kind"), r["task"], r["method"], r["shots"], r["seed"])
+            key = (r.get("kind"), protocol_of(r), r["task"], r["method"], r["shots"], r["seed"])
             if key in seen:
                 raise VlkitError(f"{src}: run {key[1:]} is also in {seen[key]}; merge folders that hold different runs")
             seen[key] = src
@@ -275,22 +293,30 @@ def run_base_to_new(
     views: int = DEFAULT_VIEWS,
     options: dict[str, dict[str, Any]] | None = None,
     provider: TaskFeatures | None = None,
+    protocol: str = "vlkit",
     log: Log = print,
 ) -> list[dict[str, Any]]:
     """CoCoOp's base-to-new generalisation: train on the base half of the classes,
     report accuracy on base test images (among base classes), on new test images
     (among new classes, with the learned prompt applied to the new names) and
     their harmonic mean. Methods without a transfer (linear probe, Tip-Adapter,
-    class-specific CoOp) are skipped with a note."""
+    class-specific CoOp) are skipped with a note. `protocol` as in `run_fewshot`."""
     methods = check_methods(methods)
+    check_protocol(protocol)
     out = Path(out)
     vl = provider.model if provider is not None else _resolve_model(model)
     provider = provider or TaskFeatures(vl, data_dir, views=views)
     options = options or {}
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(
-        out, {"model": getattr(vl, "spec", ""), "model_fingerprint": vl.fingerprint(), "epochs": epochs, "views": provider.views, "options": options}
-    )
+    settings = {
+        "model": getattr(vl, "spec", ""),
+        "model_fingerprint": vl.fingerprint(),
+        "epochs": epochs,
+        "views": provider.views,
+        "options": options,
+        "protocol": protocol,
+    }
+    _check_settings(out, settings)
     results = Results(out / "results.jsonl")
     for task in tasks:
         for method in methods:
@@ -298,11 +324,12 @@ def run_base_to_new(
                 log(f"{task} {method}: bound to its training classes; not part of base-to-new")
                 continue
             for seed in [0] if method in TRAINING_FREE else seeds:
-                key = {"kind": "base2new", "task": task, "method": method, "shots": shots, "seed": seed}
+                key = {"kind": "base2new", "protocol": protocol, "task": task, "method": method, "shots": shots, "seed": seed}
                 if results.has(key):
                     continue
                 split, new_names, (x_new, y_new) = provider.base_new(task, shots, seed or seeds[0])
-                fitted, seconds = _fit(method, _input(vl, split, shots, seed, epochs, options.get(method, {})))
+                opts = method_options(protocol, "base2new", method, options.get(method, {}), epochs)
+                fitted, seconds = _fit(method, _input(vl, split, shots, seed, epochs, opts))
                 assert fitted.transfer is not None, f"{method} lacks a transfer but is not in NO_TRANSFER"
                 x_base, y_base = split.evals["base"]
                 base = accuracy(fitted.logits(x_base), y_base)

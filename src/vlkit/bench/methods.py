@@ -29,7 +29,7 @@ class MethodInput:
     model: VLModel
     classnames: list[str]
     templates: list[str]  # templates[0] is the hand-written prompt
-    train_views: torch.Tensor
+    train_views: torch.Tensor  # normalised views, or a method's own (`vlkit.bench.protocols.own_views`; may be raw)
     train_features: torch.Tensor
     train_labels: torch.Tensor
     val_features: torch.Tensor
@@ -181,10 +181,20 @@ def kgcoop(inp: MethodInput) -> Fitted:
     from vlkit.adapt.kgcoop import KgCoOpConfig, train_kgcoop
 
     weight = float(inp.options.get("weight", 8.0))
-    cfg = KgCoOpConfig(coop=CoOpConfig(epochs=inp.epochs, seed=inp.seed), weight=weight, template=inp.templates[0])
+    batch_size = int(inp.options.get("batch_size", CoOpConfig.batch_size))
+    # the learned prompt: the task's template, or (official) "<ctx_init> {}."; the hand features are always the task's
+    template = f"{inp.options['ctx_init']} {{}}." if "ctx_init" in inp.options else inp.templates[0]
+    cfg = KgCoOpConfig(coop=CoOpConfig(epochs=inp.epochs, seed=inp.seed, batch_size=batch_size), weight=weight, template=template)
     res = train_kgcoop(inp.model, inp.classnames, inp.train_views, inp.train_labels, cfg, hand_features=inp.zeroshot_weights(), shots=inp.shots)
     w = classifier_weights(inp.model, res.learner)
-    info = {"epochs": res.epochs, "weight": weight, "train_seconds": round(res.seconds, 2)}
+    info = {
+        "epochs": res.epochs,
+        "weight": weight,
+        "batch_size": batch_size,
+        "template": template,
+        "n_ctx": res.learner.n_ctx,
+        "train_seconds": round(res.seconds, 2),
+    }
 
     def transfer(names: list[str]) -> Logits:
         w_new = classifier_weights(inp.model, res.learner.for_classnames(inp.model, names))
@@ -194,9 +204,18 @@ def kgcoop(inp: MethodInput) -> Fitted:
 
 
 def clip_adapter(inp: MethodInput) -> Fitted:
+    """CLIP-Adapter; options "ratios" (searched on validation) and "schedule" ("dassl": CoOp's
+    warm-up + per-epoch cosine over CoOp's epochs by shots)."""
     from vlkit.adapt.clip_adapter import CLIPAdapter, fit_clip_adapter
+    from vlkit.adapt.coop import epochs_for_shots
 
-    kw = {"epochs": inp.epochs} if inp.epochs is not None else {}
+    kw: dict[str, Any] = {"schedule": inp.options.get("schedule", "step-cosine")}
+    if "ratios" in inp.options:
+        kw["ratios"] = tuple(float(r) for r in inp.options["ratios"])
+    if inp.epochs is not None:
+        kw["epochs"] = inp.epochs
+    elif kw["schedule"] == "dassl":
+        kw["epochs"] = epochs_for_shots(inp.shots, len(inp.classnames))
     model, res = fit_clip_adapter(
         inp.train_views, inp.train_labels, inp.val_features, inp.val_labels, inp.zeroshot_weights(), inp.logit_scale, seed=inp.seed, **kw
     )
@@ -206,19 +225,24 @@ def clip_adapter(inp: MethodInput) -> Fitted:
         moved.adapter.load_state_dict(model.adapter.state_dict())
         return lambda x: moved(x).detach()
 
-    return Fitted(lambda x: model(x).detach(), {"ratio": res.ratio, "val_acc": res.val_accuracy}, transfer)
+    info = {"ratio": res.ratio, "val_acc": res.val_accuracy, "schedule": kw["schedule"], "epochs": res.epochs}
+    return Fitted(lambda x: model(x).detach(), info, transfer)
 
 
-def _tip_grid(inp: MethodInput) -> dict[str, tuple[float, float, int]]:
-    grid = {}
+def _tip_grid(inp: MethodInput) -> dict[str, Any]:
+    """Search settings from the options: grid sizes, and "grid_endpoint" (False: the official grid)."""
+    grid: dict[str, Any] = {}
     if "beta_steps" in inp.options:
         grid["beta_range"] = (0.1, 7.0, int(inp.options["beta_steps"]))
     if "alpha_steps" in inp.options:
         grid["alpha_range"] = (0.1, 3.0, int(inp.options["alpha_steps"]))
+    if "grid_endpoint" in inp.options:
+        grid["endpoint"] = bool(inp.options["grid_endpoint"])
     return grid
 
 
 def tip_adapter(inp: MethodInput) -> Fitted:
+    """Training-free Tip-Adapter: keys = normalised mean of `train_views` (raw views give the official keys)."""
     from vlkit.adapt.tip_adapter import fit_tip_adapter
 
     model, found = fit_tip_adapter(
@@ -228,9 +252,11 @@ def tip_adapter(inp: MethodInput) -> Fitted:
 
 
 def tip_adapter_f(inp: MethodInput) -> Fitted:
+    """Tip-Adapter-F; options "init_alpha"/"init_beta" (the fine-tuning's fixed alpha/beta)."""
     from vlkit.adapt.tip_adapter import fit_tip_adapter_f
 
-    kw = {"epochs": inp.epochs} if inp.epochs is not None else {}
+    kw: dict[str, Any] = {"epochs": inp.epochs} if inp.epochs is not None else {}
+    kw.update({k: float(inp.options[k]) for k in ("init_alpha", "init_beta") if k in inp.options})
     model, found = fit_tip_adapter_f(
         inp.train_views,
         inp.train_labels,

@@ -6,7 +6,8 @@ the tasks that have that run, then mean +/- std of those means. A method that
 did not run on every task of an average gets no average there (a mean over fewer
 tasks would not compare); `averages` names averages over chosen task subsets for
 grids whose methods ran on different tasks. Zero-shot runs (shots = 0) are shown
-in every shot column, as the flat baseline they are.
+in every shot column, as the flat baseline they are. Runs of the paper protocol
+are rows of their own, `<method> (paper)`, next to vlkit's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ def _order(values: Iterable[Any], preferred: Sequence[Any] | None) -> list[Any]:
     return seen
 
 
+def label(record: dict[str, Any]) -> str:
+    """The row name of a run: its method, marked with its protocol unless that is vlkit's."""
+    protocol = record.get("protocol", "vlkit")
+    return record["method"] if protocol == "vlkit" else f"{record['method']} ({protocol})"
+
+
+def _with_protocols(methods: Sequence[str] | None) -> list[str] | None:
+    """A method order that puts each method's paper-protocol row right after its own."""
+    return [name for m in methods for name in (m, f"{m} (paper)")] if methods else None
+
+
 def _cell(values: list[float]) -> str:
     if not values:
         return "-"
@@ -48,7 +60,7 @@ def collect(
     its tasks of each (method, shots, seed) run that all of them have."""
     table: dict[str, dict[str, dict[int, dict[int, float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for r in records:
-        table[r["task"]][r["method"]][r["shots"]][r["seed"]] = float(r[metric] if metric in r else r["evals"][metric])
+        table[r["task"]][label(r)][r["shots"]][r["seed"]] = float(r[metric] if metric in r else r["evals"][metric])
     if averages is None:
         averages = {AVERAGE: list(table)} if len(table) > 1 else {}
     for name, tasks in averages.items():
@@ -76,6 +88,7 @@ def fewshot_table(
     zero-shot methods only has one column, "zero-shot".
     """
     table = collect(records, averages=averages)
+    methods = _with_protocols(methods)
     columns = sorted(set(shots or ()) | {r["shots"] for r in records if r["shots"] > 0})
     headers = [f"{k} shot{'s' if k > 1 else ''}" for k in columns] or ["zero-shot"]
     lines = []
@@ -111,6 +124,7 @@ def plot_fewshot(
     from vlkit import io
 
     table = collect(records, averages=averages)
+    methods = _with_protocols(methods)
     panels = _order(table, list(tasks or []) + list(averages or [AVERAGE]))
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
@@ -158,10 +172,11 @@ def base_to_new_table(records: list[dict[str, Any]], *, tasks: Sequence[str] | N
     per: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     by_seed: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     task_names = _order((r["task"] for r in records), tasks)
+    methods = _with_protocols(methods)
     for r in records:
         for k in ("base", "new", "hm"):
-            per[r["task"]][r["method"]][k].append(r[k])
-            by_seed[(r["method"], r["seed"])][k].append(r[k])
+            per[r["task"]][label(r)][k].append(r[k])
+            by_seed[(label(r), r["seed"])][k].append(r[k])
     if len(task_names) > 1:
         for (m, _seed), vals in by_seed.items():
             if len(vals["base"]) == len(task_names):
@@ -183,8 +198,8 @@ def domain_table(records: list[dict[str, Any]], *, tasks: Sequence[str] | None =
         rows = [r for r in records if r["task"] == task]
         sets = _order((k for r in rows for k in r["evals"] if k != "test"), ["source"])
         lines += [f"### {task}", "", "| method | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
-        for m in _order((r["method"] for r in rows), methods):
-            mine = [r for r in rows if r["method"] == m]
+        for m in _order((label(r) for r in rows), _with_protocols(methods)):
+            mine = [r for r in rows if label(r) == m]
             lines.append(f"| {m} | " + " | ".join(_cell([r["evals"][s] for r in mine if s in r["evals"]]) for s in sets) + " |")
         lines.append("")
     return "\n".join(lines)

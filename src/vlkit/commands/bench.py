@@ -57,12 +57,14 @@ def _method_names() -> str:
 
 TASKS_HELP = f"One or more task names: {_task_names()} (`vlkit data info NAME` describes one)."
 METHODS_HELP = f"One or more of: {_method_names()}."
-OPTIONS_HELP = 'Per-method settings as JSON, e.g. \'{"tip-adapter": {"beta_steps": 50}}\'.'
+OPTIONS_HELP = 'Per-method settings as JSON, e.g. \'{"tip-adapter": {"beta_steps": 50}}\' (they override the protocol\'s).'
+PROTOCOL_HELP = "vlkit: vlkit's defaults; paper: each method's official recipe where it differs (vlkit.bench.protocols)."
+PROTOCOLS = ("vlkit", "paper")  # vlkit.bench.protocols.PROTOCOLS, kept torch-free for the CLI
 
 
 def _common(
     tasks: list[str], methods: list[str], shots: list[int], seeds: list[int], out: Optional[Path], name: str,
-    epochs: Optional[int], views: int, options: Optional[str], data_dir: Optional[str],
+    epochs: Optional[int], views: int, options: Optional[str], data_dir: Optional[str], protocol: str,
 ) -> tuple[Path, dict[str, Any]]:
     """Check every argument (before a model loads or a folder is made); the results folder and the options."""
     from vlkit.bench.methods import check_methods
@@ -78,6 +80,8 @@ def _common(
     check_methods(methods)
     validate.at_least("--epochs", epochs)
     validate.at_least("--views", views)
+    if protocol not in PROTOCOLS:
+        raise VlkitError(f"--protocol {protocol!r}: unknown; choose from {', '.join(PROTOCOLS)}")
     try:
         opts = json.loads(options) if options else {}
     except json.JSONDecodeError as e:
@@ -101,6 +105,7 @@ def register(app: typer.Typer) -> None:
     epochs_opt = typer.Option(None, "--epochs", help="One epoch budget for every trained method (default: each paper's).")
     views_opt = typer.Option(DEFAULT_VIEWS, "--views", help="Cached augmented views per training image.")
     options_opt = typer.Option(None, "--options", help=OPTIONS_HELP)
+    protocol_opt = typer.Option("vlkit", "--protocol", help=PROTOCOL_HELP)
 
     @bench.command("fewshot", cls=ManyValues)
     def fewshot(
@@ -114,12 +119,15 @@ def register(app: typer.Typer) -> None:
         epochs: Optional[int] = epochs_opt,
         views: int = views_opt,
         options: Optional[str] = options_opt,
+        protocol: str = protocol_opt,
     ) -> None:
         """Accuracy against shots for each method and task: results.jsonl, table.md, fewshot.png."""
         from vlkit.bench.fewshot import run_fewshot
 
-        folder, opts = _common(tasks, methods, shots, seeds, out, "fewshot", epochs, views, options, data_dir)
-        run_fewshot(tasks, methods, shots, seeds, folder, model=model, data_dir=data_dir, epochs=epochs, views=views, options=opts)
+        folder, opts = _common(tasks, methods, shots, seeds, out, "fewshot", epochs, views, options, data_dir, protocol)
+        run_fewshot(
+            tasks, methods, shots, seeds, folder, model=model, data_dir=data_dir, epochs=epochs, views=views, options=opts, protocol=protocol
+        )
         print((folder / "table.md").read_text(encoding="utf-8"))
         print(f"results: {folder / 'results.jsonl'}  table: {folder / 'table.md'}  plot: {folder / 'fewshot.png'}")
 
@@ -135,12 +143,15 @@ def register(app: typer.Typer) -> None:
         epochs: Optional[int] = epochs_opt,
         views: int = views_opt,
         options: Optional[str] = options_opt,
+        protocol: str = protocol_opt,
     ) -> None:
         """CoCoOp's protocol: train on base classes, report base/new accuracy and harmonic mean."""
         from vlkit.bench.fewshot import run_base_to_new
 
-        folder, opts = _common(tasks, methods, [shots], seeds, out, "base-to-new", epochs, views, options, data_dir)
-        run_base_to_new(tasks, methods, shots, seeds, folder, model=model, data_dir=data_dir, epochs=epochs, views=views, options=opts)
+        folder, opts = _common(tasks, methods, [shots], seeds, out, "base-to-new", epochs, views, options, data_dir, protocol)
+        run_base_to_new(
+            tasks, methods, shots, seeds, folder, model=model, data_dir=data_dir, epochs=epochs, views=views, options=opts, protocol=protocol
+        )
         print((folder / "base_to_new.md").read_text(encoding="utf-8"))
 
     @bench.command("domain", cls=ManyValues)
@@ -155,12 +166,15 @@ def register(app: typer.Typer) -> None:
         epochs: Optional[int] = epochs_opt,
         views: int = views_opt,
         options: Optional[str] = options_opt,
+        protocol: str = protocol_opt,
     ) -> None:
         """Train on the task's train styles, test on each held-out style: domain.md."""
         from vlkit.bench.fewshot import run_domain_generalization
 
-        folder, opts = _common(tasks, methods, [shots], seeds, out, "domain", epochs, views, options, data_dir)
-        run_domain_generalization(tasks, methods, shots, seeds, folder, model=model, data_dir=data_dir, epochs=epochs, views=views, options=opts)
+        folder, opts = _common(tasks, methods, [shots], seeds, out, "domain", epochs, views, options, data_dir, protocol)
+        run_domain_generalization(
+            tasks, methods, shots, seeds, folder, model=model, data_dir=data_dir, epochs=epochs, views=views, options=opts, protocol=protocol
+        )
         print((folder / "domain.md").read_text(encoding="utf-8"))
 
     @bench.command("report", cls=ManyValues)
