@@ -210,3 +210,30 @@ def test_cli_protocol_choice(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--protocol 'official': unknown; choose from vlkit, paper" in err[0]
+
+
+def test_base_to_new_paper_baselines_start_from_a_photo_of_a_and_the_cocoop_variants_reach_training(monkeypatch, model):
+    import vlkit.adapt.cocoop as cc
+    import vlkit.adapt.coop as co
+
+    seen = {}
+    real_coop, real_cocoop = co.train_coop, cc.train_cocoop
+
+    def spy_coop(model, classnames, features, labels, config, **kw):
+        seen["coop"] = config
+        return real_coop(model, classnames, features, labels, type(config)(**{**config.__dict__, "epochs": 1}), **kw)
+
+    def spy_cocoop(model, classnames, features, labels, config):
+        seen.setdefault("cocoop", []).append(config)
+        return real_cocoop(model, classnames, features, labels, type(config)(**{**config.__dict__, "epochs": 1}))
+
+    monkeypatch.setattr(co, "train_coop", spy_coop)
+    monkeypatch.setattr(cc, "train_cocoop", spy_cocoop)
+    fitted = methods.METHODS["coop"](_input(model, "base2new", "coop"))
+    assert (seen["coop"].prompt.ctx_init, fitted.info["n_ctx"]) == ("a photo of a", 4)
+    for name in ("cocoop", "cocoop-fp16", "cocoop-frozen"):
+        methods.METHODS[name](_input(model, "base2new", name))
+    got = [(c.prompt.ctx_init, c.prompt.suffix, c.param_dtype, c.train_meta_net) for c in seen["cocoop"]]
+    assert got == [("a photo of a", ".", "fp32", True), ("a photo of a", ".", "fp16", True), ("a photo of a", ".", "fp32", False)]
+    methods.METHODS["cocoop"](MethodInput(**{**_input(model, "base2new", "cocoop").__dict__, "options": {}}))
+    assert seen["cocoop"][-1].prompt.ctx_init == "a small photo of the"  # vlkit: the task's own prompt
