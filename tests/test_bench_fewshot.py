@@ -3,9 +3,11 @@ tables (mean +/- std over seeds, task average), plot, base-to-new, domain tables
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from coop_fakes import FakeVLModel
 from vlkit import zeroshot
@@ -63,6 +65,20 @@ def _lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+def assert_fewshot_plot(path, panels: int) -> None:
+    """A PNG laid out as plot_fewshot's grid (at most 3 panels a row, 4.2 x 3.4 in at 110 dpi)
+    whose first `panels` cells each hold marks in the first method's colour (tab10 blue)."""
+    image = Image.open(path)
+    assert image.format == "PNG"
+    cols = min(3, panels)
+    rows = -(-panels // cols)
+    assert image.size == (462 * cols, 374 * rows)
+    px = np.asarray(image.convert("RGB")).astype(int)
+    blue = (np.abs(px - np.array([31, 119, 180])).sum(-1) < 30)
+    cells = [blue[r * 374 : (r + 1) * 374, c * 462 : (c + 1) * 462].sum() for r in range(rows) for c in range(cols)]
+    assert all(n > 20 for n in cells[:panels]) and all(n == 0 for n in cells[panels:]), cells
+
+
 def test_runs_resume_and_write_table_and_plot(tmp_path, model):
     provider = SyntheticTasks(model)
     methods = ["zeroshot", "linear-probe", "tip-adapter"]
@@ -72,11 +88,14 @@ def test_runs_resume_and_write_table_and_plot(tmp_path, model):
     assert len(rows) == 2 * (1 + 2 * 2 * 2)  # zero-shot once per task, others per shots x seeds
     zs = [r for r in rows if r["method"] == "zeroshot"]
     assert {(r["shots"], r["seed"]) for r in zs} == {(0, 0)}
-    assert all(0 <= r["acc"] <= 100 and r["n_test"] == 40 for r in rows)
+    assert all(r["n_test"] == 40 and r["acc"] * 40 / 100 == pytest.approx(round(r["acc"] * 40 / 100), abs=1e-4) for r in rows)
+    for r in zs:  # zero-shot: the hand-written prompt's argmax on the task's own test draw
+        x, y = provider._draw(10, 7 if r["task"] == "a" else 107)
+        assert r["acc"] == pytest.approx(100.0 * float(((x @ provider.w.T).argmax(1) == y).float().mean()))
     assert all("C" in r["info"] for r in rows if r["method"] == "linear-probe")
     table = (tmp_path / "table.md").read_text()
     assert "### a" in table and "### Average" in table and "| tip-adapter |" in table
-    assert (tmp_path / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
+    assert_fewshot_plot(tmp_path / "fewshot.png", panels=3)  # a, b and the average
 
     # resume: nothing re-run; a new seed runs only the missing runs
     provider.calls.clear()
@@ -150,7 +169,7 @@ def test_merge_results_joins_folders_and_refuses_overlaps_and_other_models(tmp_p
     recs = merge_results([a, b], tmp_path / "out", averages={"Mean": ["a", "b"]})
     assert len(recs) == 4
     assert "### Mean" in (tmp_path / "out" / "table.md").read_text()
-    assert (tmp_path / "out" / "fewshot.png").stat().st_size > 0
+    assert_fewshot_plot(tmp_path / "out" / "fewshot.png", panels=3)  # a, b and Mean
     assert set(json.loads((tmp_path / "out" / "sources.json").read_text())) == {str(a), str(b)}
     with pytest.raises(VlkitError, match="also in"):
         merge_results([a, a], tmp_path / "out2")

@@ -47,6 +47,30 @@ def test_training_beats_zero_shot_and_ratio_is_chosen_on_validation():
     assert _acc(model(xte), yte) > _acc(SCALE * xte @ zs.T, yte) + 0.2
 
 
+def test_ratio_ties_go_to_the_smaller_ratio_in_any_listed_order(monkeypatch):
+    """Correct validation images by ratio: 0.2 -> 3, 0.4 -> 5, 0.6 -> 5, 0.8 -> 4 of 8; listed
+    high to low, the tie between 0.4 and 0.6 still keeps 0.4."""
+    import vlkit.adapt.clip_adapter as ca
+
+    zs, (xtr, ytr), _, _ = _task(4)
+    yva = torch.arange(8) % C
+    hits = {0.2: 3, 0.4: 5, 0.6: 5, 0.8: 4}
+
+    class Scored(torch.nn.Module):
+        def __init__(self, ratio):
+            super().__init__()
+            self.ratio = ratio
+
+        def forward(self, x):  # right on the first hits[ratio] images, wrong on the rest
+            pred = torch.where(torch.arange(len(x)) < hits[self.ratio], yva, (yva + 1) % C)
+            return F.one_hot(pred, C).float()
+
+    monkeypatch.setattr(ca, "_train_one", lambda *args, **kw: Scored(args[4]))
+    model, res = fit_clip_adapter(xtr, ytr, torch.zeros(8, D), yva, zs, SCALE, ratios=(0.8, 0.6, 0.4, 0.2))
+    assert res.ratio == 0.4 and model.ratio == 0.4 and res.val_accuracy == 5 / 8
+    assert res.search == [(0.2, 3 / 8), (0.4, 5 / 8), (0.6, 5 / 8), (0.8, 4 / 8)]
+
+
 def test_training_is_deterministic_for_a_seed():
     zs, (xtr, ytr), (xva, yva), (xte, _) = _task(2)
     kw = dict(ratios=(0.4,), epochs=3, lr=0.05, batch_size=8, seed=7)

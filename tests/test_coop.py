@@ -130,17 +130,29 @@ def test_chunked_class_dimension_gives_the_same_gradient(fake, csc):
     assert torch.allclose(learner.ctx.grad, grad_full, atol=1e-5 * float(grad_full.abs().max()), rtol=1e-4)
 
 
-def test_text_loss_hook_adds_to_the_gradient(fake):
-    """KgCoOp's regulariser enters through `text_loss`; it must change the gradient."""
+@pytest.mark.parametrize("class_chunk", [None, 2])
+def test_text_loss_hook_adds_its_term_to_the_loss_and_its_gradient(fake, class_chunk):
+    """KgCoOp's regulariser enters through `text_loss`: loss and gradient are the plain
+    CoOp ones plus exactly those of the term (on the full and the chunked path)."""
     freeze(fake)
     x, y = _prototype_task(fake, 2, seed=3)
     learner = PromptLearner(fake, NAMES, PromptOptions(n_ctx=4), generator=torch.Generator().manual_seed(0))
-    coop_loss_backward(fake, learner, x, y)
+    target = torch.randn(len(NAMES), fake.embed_dim, generator=torch.Generator().manual_seed(1))
+
+    def term(t):
+        return 8.0 * ((t - target) ** 2).sum(-1).mean()
+
+    plain_loss, _ = coop_loss_backward(fake, learner, x, y)
     plain = learner.ctx.grad.clone()
     learner.ctx.grad = None
-    target = torch.zeros(len(NAMES), fake.embed_dim)
-    coop_loss_backward(fake, learner, x, y, class_chunk=2, text_loss=lambda t: ((t - target) ** 2).sum(-1).mean())
-    assert not torch.allclose(learner.ctx.grad, plain)
+    alone = term(learner.text_features(fake).float())
+    alone.backward()
+    term_grad = learner.ctx.grad.clone()
+    learner.ctx.grad = None
+    loss, _ = coop_loss_backward(fake, learner, x, y, class_chunk=class_chunk, text_loss=term)
+    assert loss == pytest.approx(plain_loss + alone.detach().item(), rel=1e-5)
+    assert term_grad.abs().max() > 0.3 * plain.abs().max()  # the term is not lost in the noise
+    torch.testing.assert_close(learner.ctx.grad, plain + term_grad, atol=1e-5 * float(term_grad.abs().max()), rtol=1e-4)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "amp"])

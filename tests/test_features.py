@@ -195,11 +195,14 @@ def test_order_and_values_independent_of_batching_and_workers(tmp_path):
 def test_features_are_ordinary_tensors_usable_for_training(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
-    res = extract_image_features(FakeModel(), _good_images(folder, 2), cache=False, progress=False)
-    assert not res.features.is_inference()
+    model = FakeModel()
+    res = extract_image_features(model, _good_images(folder, 2), cache=False, progress=False)
+    assert not res.features.is_inference() and not res.features.requires_grad
     head = torch.nn.Linear(6, 2)
     head(res.features).sum().backward()  # a linear probe trains on these
-    assert head.weight.grad is not None
+    # d(sum of outputs)/d(weight row) is the sum of the features; nothing flows back into the encoder
+    torch.testing.assert_close(head.weight.grad, res.features.sum(0).expand(2, -1), atol=1e-6, rtol=0)
+    assert model.proj.weight.grad is None
 
 
 def test_preprocess_failure_is_a_skip_not_a_crash(tmp_path):

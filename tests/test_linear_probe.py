@@ -70,6 +70,57 @@ def test_bisection_moves_toward_the_better_c(monkeypatch):
     assert probe.val_accuracy == pytest.approx(1.0 - 0.1 * abs(np.log10(probe.C) - 0.37), abs=1e-3)
 
 
+def _probe_scored_by(monkeypatch, score, refine_steps, **kw):
+    """fit_linear_probe with validation accuracy a known function of log10 C, on 100 images."""
+    import vlkit.adapt.linear_probe as lp
+
+    (xtr, ytr), (xva, yva), _ = _task(0)
+    yva, xva = np.tile(yva.numpy(), 5), np.tile(xva.numpy(), (5, 1))
+    fake = _ScoredByC(yva, lambda C: score(round(float(np.log10(C)), 6)))
+    monkeypatch.setattr(lp, "_fit", fake)
+    return fit_linear_probe(xtr, ytr, xva, yva, refine_steps=refine_steps, **kw), fake
+
+
+def test_coarse_grid_tie_keeps_the_smaller_c(monkeypatch):
+    """1e-2, 1 and 1e2 all score best: the most regularised of them, also as the bisection's centre."""
+    probe, _ = _probe_scored_by(monkeypatch, lambda x: 0.9 if -2 <= x <= 2 else 0.5, refine_steps=0)
+    assert probe.C == 1e-2 and probe.val_accuracy == 0.9
+    probe, fake = _probe_scored_by(monkeypatch, lambda x: 0.9 if -2 <= x <= 2 else 0.5, refine_steps=1)
+    assert fake.fitted[len(COARSE_GRID):] == [1e-3, 1e-1]  # bisection around 1e-2, not 1 or 1e2
+    assert probe.C == 1e-2  # refined points that tie lose to the coarse peak itself
+
+
+def test_refined_tie_keeps_the_c_closest_to_the_coarse_peak(monkeypatch):
+    """Coarse peak at C = 1; the bisection finds 0.9 at log10 C = 1 and then at 0.5: the nearer one wins,
+    though the farther one was found first."""
+    def score(x):
+        return 0.9 if 0.45 <= x <= 1.05 else 0.8 if -0.05 <= x < 0.45 else 0.7 if -1.05 <= x < -0.05 else 0.5
+
+    probe, fake = _probe_scored_by(monkeypatch, score, refine_steps=3)
+    assert [round(float(np.log10(c)), 6) for c in fake.fitted[len(COARSE_GRID):]] == [-1.0, 1.0, 0.5]  # (0: C = 1, tried already)
+    assert probe.C == pytest.approx(10**0.5) and probe.val_accuracy == 0.9
+
+
+def test_refined_tie_at_equal_distance_keeps_the_smaller_c(monkeypatch):
+    """0.1 and 10 both beat the coarse peak C = 1 and lie one decade from it: the smaller wins. The
+    bisection step between them ties too and moves toward the smaller C (its third step then tries 10**-0.5)."""
+    probe, fake = _probe_scored_by(monkeypatch, lambda x: 0.9 if x in (-1.0, 1.0) else 0.8 if x == 0.0 else 0.5, refine_steps=3)
+    assert [round(float(np.log10(c)), 6) for c in fake.fitted[len(COARSE_GRID):]] == [-1.0, 1.0, -0.5]
+    assert probe.C == 0.1 and probe.val_accuracy == 0.9
+
+
+def test_equal_distance_is_decided_by_the_rule_not_by_float_noise(monkeypatch):
+    """Around a coarse peak at C = 5, 10**(log10(5) + 1) lands 1 - 1e-16 decades away and 0.5 exactly 1:
+    the rounding keeps them equally near, so the smaller C wins."""
+    import math
+
+    near = {round(math.log10(0.5), 6): 0.9, round(math.log10(50.0), 6): 0.9, round(math.log10(5.0), 6): 0.8}
+    probe, fake = _probe_scored_by(monkeypatch, lambda x: near.get(x, 0.5), refine_steps=1, coarse_grid=(0.05, 5.0, 500.0))
+    peak = math.log10(5.0)
+    assert abs(math.log10(fake.fitted[-1]) - peak) != abs(math.log10(fake.fitted[-2]) - peak)  # the noise is there
+    assert probe.C == pytest.approx(0.5) and probe.val_accuracy == 0.9
+
+
 def test_probe_is_deterministic_and_normalises_inputs():
     (xtr, ytr), (xva, yva), (xte, _) = _task(2)
     a = fit_linear_probe(xtr, ytr, xva, yva, seed=3)

@@ -61,10 +61,16 @@ def test_held_out_style_never_loaded(tmp_path):
 
 def test_caption_draws_are_a_function_of_the_step():
     ids = [[0, 1, 2], [3], [4, 5]]
-    rows = torch.tensor([2, 0, 1, 0])
+    rows = torch.tensor([2, 0, 1, 0] * 300)
     a = sample_captions(ids, rows, step_generator(0, 1, 7))
-    b = sample_captions(ids, rows, step_generator(0, 1, 7))
-    assert torch.equal(a, b) and a[2] == 3 and a[0] in (4, 5) and a[1] in (0, 1, 2)
+    assert torch.equal(a, sample_captions(ids, rows, step_generator(0, 1, 7)))  # same (seed, epoch, step): same draw
+    for other in [(0, 1, 8), (0, 2, 7), (1, 1, 7)]:  # any other step, epoch or seed: another draw
+        assert not torch.equal(a, sample_captions(ids, rows, step_generator(*other))), other
+    assert (a[2::4] == 3).all()  # a row with one caption always gets it
+    # uniform among a row's captions, the last one included: 600 draws from 3, 300 from 2
+    three, two = torch.cat([a[1::4], a[3::4]]), a[0::4]
+    assert torch.bincount(three, minlength=6).tolist() == pytest.approx([200, 200, 200, 0, 0, 0], abs=45)
+    assert torch.bincount(two, minlength=6).tolist() == pytest.approx([0, 0, 0, 0, 150, 150], abs=40)
 
 
 def test_augment_identity_and_flip_are_exact():

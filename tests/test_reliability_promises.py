@@ -101,7 +101,7 @@ def test_predict_writes_separate_fields_json_and_an_accuracy_summary(prompt, tmp
 
 def test_a_zero_shot_only_benchmark_writes_a_correct_table(tmp_path):
     from coop_fakes import FakeVLModel
-    from test_bench_fewshot import SyntheticTasks
+    from test_bench_fewshot import SyntheticTasks, assert_fewshot_plot
 
     from vlkit.bench.fewshot import run_fewshot
     from vlkit.bench.report import fewshot_table
@@ -114,7 +114,7 @@ def test_a_zero_shot_only_benchmark_writes_a_correct_table(tmp_path):
     assert lines[4] == f"| zeroshot | {zs['acc']:.1f} | {zs['acc']:.1f} |"
     merged = fewshot_table(recs).splitlines()  # no shots known: one column
     assert merged[2] == "| method | zero-shot |" and merged[4] == f"| zeroshot | {zs['acc']:.1f} |"
-    assert (tmp_path / "fewshot.png").stat().st_size > 0
+    assert_fewshot_plot(tmp_path / "fewshot.png", panels=1)  # one task: no average panel
 
 
 def test_bench_help_is_formatted_like_every_command_and_names_real_commands():

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from test_retrieval_fakes import make_caption_table
 from typer.testing import CliRunner
 
@@ -73,7 +74,15 @@ def test_search_matches_python_api(built, tiny_clip_model, cli):
     np.testing.assert_allclose([h["score"] for h in cli_hits], [h.score for h in api], atol=1e-6)
 
 
-def test_eval_retrieval_writes_run_folder(built, tiny_clip_dir, cli, tmp_path):
+def _ranks_by_sorting(scores: np.ndarray, truth: list[set[int]]) -> np.ndarray:
+    """1-based position of each query's best-placed true candidate in its descending score order."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.array([1 + next(pos for pos, c in enumerate(row) if c in true) for row, true in zip(order, truth)])
+
+
+def test_eval_retrieval_writes_run_folder(built, tiny_clip_dir, tiny_clip_model, cli, tmp_path):
+    from PIL import Image
+
     _, table, _ = built
     res = cli("eval", "retrieval", "--data", table, "--model", tiny_clip_dir, "--runs-dir", tmp_path)
     assert res.exit_code == 0, res.output
@@ -81,11 +90,21 @@ def test_eval_retrieval_writes_run_folder(built, tiny_clip_dir, cli, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     config = json.loads((run / "config.json").read_text())
     assert metrics["images"] == 6 and metrics["texts"] == 12
-    for direction, candidates in (("text_to_image", 6), ("image_to_text", 12)):
-        m = metrics[direction]
-        assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 100.0
-        assert 1 <= m["median_rank"] <= candidates - 1  # each image has 2 true captions among 12
-    assert metrics["text_to_image"]["R@10"] == 100.0  # only 6 images: every true image is in the top 10
+    # the same numbers from the model's own features, ranked by sorting
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    images = sorted({r["image"] for r in rows})
+    captions = [r["caption"] for r in rows]
+    m = tiny_clip_model
+    with torch.no_grad():
+        img = m.encode_image(torch.stack([m.preprocess(Image.open(table.parent / p)) for p in images])).numpy()
+    txt = m.embed_texts(captions).numpy()
+    sim = txt @ img.T
+    truth_t2i = [{images.index(r["image"])} for r in rows]
+    truth_i2t = [{t for t, r in enumerate(rows) if r["image"] == p} for p in images]
+    for direction, ranks in (("text_to_image", _ranks_by_sorting(sim, truth_t2i)), ("image_to_text", _ranks_by_sorting(sim.T, truth_i2t))):
+        expected = {f"R@{k}": 100.0 * float((ranks <= k).mean()) for k in (1, 5, 10)}
+        expected |= {"mean_rank": float(ranks.mean()), "median_rank": float(np.median(ranks)), "queries": len(ranks)}
+        assert metrics[direction] == pytest.approx(expected), direction
     assert config["model_fingerprint"] and "R@1" in res.output
 
 

@@ -63,6 +63,27 @@ def test_search_uses_validation_and_beats_a_weak_zero_shot():
             assert _acc(probe(xva), yva) <= found.val_accuracy + 1e-9
 
 
+def test_search_ties_go_to_the_smallest_beta_then_the_smallest_alpha():
+    """Six validation images leave many grid points tied at the best count; the search keeps
+    the first in (beta, alpha) order, found here by scoring the whole grid independently."""
+    import numpy as np
+
+    zs, (xtr, ytr), (xva, yva), _ = _task(5, zs_noise=6.0)
+    xva, yva = xva[::4], yva[::4]
+    keys, values = build_cache(xtr, ytr, C)
+    betas, alphas = np.linspace(0.1, 7.0, 12), np.linspace(0.1, 3.0, 9)
+    correct = {
+        (b, a): int((TipAdapter(keys, values, zs, SCALE, float(a), float(b))(xva).argmax(1) == yva).sum())
+        for b in betas for a in alphas
+    }
+    best = max(correct.values())
+    tied = sorted(k for k, v in correct.items() if v == best)
+    assert len(tied) > 1 and tied[0] != (betas[0], alphas[0])  # a real tie, and not simply the first grid point
+    assert len({a for _, a in tied}) > 1 and len({b for b, _ in tied}) > 1
+    found = search_alpha_beta(TipAdapter(keys, values, zs, SCALE), xva, yva, beta_range=(0.1, 7.0, 12), alpha_range=(0.1, 3.0, 9))
+    assert (found.beta, found.alpha) == tied[0] and found.val_accuracy == best / len(yva)
+
+
 def test_search_changes_with_validation_labels_only():
     zs, (xtr, ytr), (xva, yva), _ = _task(3)
     keys, values = build_cache(xtr, ytr, C)

@@ -119,8 +119,9 @@ def fit_clip_adapter(
 ) -> tuple[CLIPAdapter, CLIPAdapterResult]:
     """Train one adapter per residual ratio (SGD, momentum 0.9, weight decay 5e-4,
     the optimiser of the Dassl recipe CoOp and CLIP-Adapter share; lr by `schedule`)
-    and keep the ratio with the best validation accuracy (ties: the smaller ratio).
-    `train_features` is [N, D] or [N, views, D]."""
+    and keep the ratio with the best validation accuracy, compared as exact counts of
+    correct validation images (ties: the smaller ratio, whatever order `ratios` lists
+    them in). `train_features` is [N, D] or [N, views, D]."""
     views = train_features.float()
     views = views[:, None, :] if views.ndim == 2 else views
     labels = torch.as_tensor(train_labels).long()
@@ -133,16 +134,16 @@ def fit_clip_adapter(
         raise VlkitError("ratios: give at least one residual ratio to try")
     if schedule not in SCHEDULES:
         raise VlkitError(f"schedule {schedule!r}: unknown; use one of {', '.join(SCHEDULES)}")
-    best: tuple[float, CLIPAdapter, float] | None = None
+    best: tuple[int, CLIPAdapter, float] | None = None
     search = []
     for ratio in sorted(ratios):
         model = _train_one(
             views, labels, clip_weights, logit_scale, ratio, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, schedule=schedule
         )
         with torch.no_grad():
-            acc = float((model(val_features).argmax(1) == val_labels).float().mean())
-        search.append((ratio, acc))
-        if best is None or acc > best[0]:
-            best = (acc, model, ratio)
-    acc, model, ratio = best
-    return model, CLIPAdapterResult(ratio, acc, search, epochs)
+            correct = int((model(val_features).argmax(1) == val_labels).sum())
+        search.append((ratio, correct / len(val_labels)))
+        if best is None or correct > best[0]:
+            best = (correct, model, ratio)
+    correct, model, ratio = best
+    return model, CLIPAdapterResult(ratio, correct / len(val_labels), search, epochs)

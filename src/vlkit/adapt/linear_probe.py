@@ -87,8 +87,11 @@ def fit_linear_probe(
 ) -> LinearProbe:
     """Fit a probe, choosing C on the validation split (coarse grid, then log-bisection).
 
-    `coarse_grid` must be ascending. Ties on the coarse grid keep the smaller C (the more regularised probe); ties
-    after refinement keep the value closest to the coarse peak. Deterministic for a seed.
+    `coarse_grid` must be ascending. Choices compare exact counts of correctly classified validation images,
+    never float accuracies. Ties, each settled by a fixed rule: on the coarse grid the smaller C wins (the more
+    regularised probe); a bisection step whose two ends tie moves toward the smaller C; the final pick among
+    every C tried keeps the most correct, then the C closest to the coarse peak in log10 (distances rounded to
+    1e-9 decades, so float noise in 10**x cannot decide), then the smaller C. Deterministic for a seed.
     """
     x_tr, x_va = _normalise(_as_numpy(train_features)), _normalise(_as_numpy(val_features))
     y_tr, y_va = _as_numpy(train_labels).astype(np.int64), _as_numpy(val_labels).astype(np.int64)
@@ -104,27 +107,30 @@ def fit_linear_probe(
     if list(coarse_grid) != sorted(coarse_grid) or not coarse_grid:
         raise VlkitError(f"coarse grid {coarse_grid}: give ascending positive values of C")
     n_cls = int(num_classes if num_classes is not None else max(y_tr.max(), y_va.max()) + 1)
-    tried: dict[float, tuple[float, LogisticRegression]] = {}
+    tried: dict[float, tuple[int, LogisticRegression]] = {}  # C -> (correct validation images, fit)
 
-    def evaluate(C: float) -> float:
+    def evaluate(C: float) -> int:
         if C not in tried:
             near = min(tried, key=lambda c: abs(math.log10(c) - math.log10(C)), default=None)
             clf = _fit(x_tr, y_tr, C, max_iter, seed, tried[near][1] if near is not None else None)
-            tried[C] = (float((clf.predict(x_va) == y_va).mean()), clf)
+            tried[C] = (int((clf.predict(x_va) == y_va).sum()), clf)
         return tried[C][0]
 
     # the coarse sweep runs from strong to weak regularisation, each fit warm-started
     # from the previous one: large-C fits then start near their optimum.
-    accs = [evaluate(C) for C in coarse_grid]
-    best_c = coarse_grid[int(np.argmax(accs))]
+    correct = [evaluate(C) for C in coarse_grid]
+    peak = math.log10(coarse_grid[int(np.argmax(correct))])  # argmax: the first, smallest C of a tie
     # Bisection in log10(C) around the coarse peak, as CoOp's lpclip search.
-    lo, hi = math.log10(best_c) - 1.0, math.log10(best_c) + 1.0
+    lo, hi = peak - 1.0, peak + 1.0
     for _ in range(refine_steps):
-        c_lo, c_hi = 10.0**lo, 10.0**hi
-        if evaluate(c_lo) >= evaluate(c_hi):
+        if evaluate(10.0**lo) >= evaluate(10.0**hi):
             lo, hi = lo, (lo + hi) / 2
         else:
             lo, hi = (lo + hi) / 2, hi
-    best_c = max(tried, key=lambda c: (tried[c][0], -abs(math.log10(c) - math.log10(best_c))))
-    acc, clf = tried[best_c]
-    return LinearProbe(clf, n_cls, best_c, acc, sorted((c, a) for c, (a, _) in tried.items()))
+
+    def preference(c: float) -> tuple[int, float, float]:
+        return tried[c][0], -round(abs(math.log10(c) - peak), 9), -c
+
+    best_c = max(tried, key=preference)
+    n_val = len(y_va)
+    return LinearProbe(tried[best_c][1], n_cls, best_c, tried[best_c][0] / n_val, sorted((c, k / n_val) for c, (k, _) in tried.items()))

@@ -122,10 +122,11 @@ def search_alpha_beta(
     endpoint: bool = True,
 ) -> SearchResult:
     """Grid search of (alpha, beta) on validation features, as the paper's
-    `search_hp`: beta outer, alpha inner, both ascending, and only a strictly better
-    accuracy replaces the best, so ties go to the smallest beta, then the smallest
-    alpha. Each range (lo, hi, n) is n evenly spaced values from lo to hi; the
-    official grid (`endpoint=False`) stops one step short of hi. Sets them on `model`."""
+    `search_hp`: beta outer, alpha inner, both ascending, and only a strictly larger
+    count of correct validation images (an exact integer, not a float accuracy)
+    replaces the best, so ties go to the smallest beta, then the smallest alpha.
+    Each range (lo, hi, n) is n evenly spaced values from lo to hi; the official
+    grid (`endpoint=False`) stops one step short of hi. Sets them on `model`."""
     labels = torch.as_tensor(val_labels).long()
     if len(val_features) == 0 or len(labels) != len(val_features):
         raise VlkitError(
@@ -134,13 +135,13 @@ def search_alpha_beta(
         )
     clip = model.clip_logits(val_features)
     aff = model.affinity(val_features)
-    best = SearchResult(model.alpha, model.beta, -1.0)
+    best, best_correct = SearchResult(model.alpha, model.beta, 0.0), -1
     for beta in np.linspace(*beta_range[:2], int(beta_range[2]), endpoint=endpoint):
         cache = torch.exp(-float(beta) * (1.0 - aff)) @ model.values
         for alpha in np.linspace(*alpha_range[:2], int(alpha_range[2]), endpoint=endpoint):
-            acc = float(((clip + float(alpha) * cache).argmax(1) == labels).float().mean())
-            if acc > best.val_accuracy:
-                best = SearchResult(float(alpha), float(beta), acc)
+            correct = int(((clip + float(alpha) * cache).argmax(1) == labels).sum())
+            if correct > best_correct:
+                best, best_correct = SearchResult(float(alpha), float(beta), correct / len(labels)), correct
     model.alpha, model.beta = best.alpha, best.beta
     return best
 
@@ -179,8 +180,9 @@ def fit_tip_adapter_f(
     """Tip-Adapter-F: fine-tune the cache keys with AdamW (lr 1e-3, eps 1e-4,
     cosine schedule), one random augmented view per shot per epoch; keep the keys
     of the epoch with the best validation accuracy (at `init_alpha`, `init_beta`;
-    the untrained cache counts as epoch 0 and ties go to the earliest epoch), then
-    search alpha/beta on validation."""
+    the untrained cache counts as epoch 0; epochs compare counts of correct
+    validation images and ties go to the earliest epoch), then search alpha/beta on
+    validation."""
     views = _views(train_features)
     labels = torch.as_tensor(train_labels).long()
     keys, values = build_cache(views, labels, clip_weights.shape[0])
@@ -191,11 +193,11 @@ def fit_tip_adapter_f(
     opt = torch.optim.AdamW([model.keys], lr=lr, eps=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * steps_per_epoch))
 
-    def val_acc() -> float:
+    def val_correct() -> int:
         with torch.no_grad():
-            return float((model(val_features).argmax(1) == val_labels).float().mean())
+            return int((model(val_features).argmax(1) == val_labels).sum())
 
-    history = [val_acc()]
+    history = [val_correct()]
     best_epoch, best_keys = 0, model.keys.detach().clone()
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(views), generator=gen)
@@ -208,11 +210,11 @@ def fit_tip_adapter_f(
             loss.backward()
             opt.step()
             sched.step()
-        history.append(val_acc())
+        history.append(val_correct())
         if history[-1] > history[best_epoch]:
             best_epoch, best_keys = epoch, model.keys.detach().clone()
     with torch.no_grad():
         model.keys.copy_(best_keys)
     found = search_alpha_beta(model, val_features, val_labels, **search)
-    found.epoch, found.epoch_val_accuracy = best_epoch, tuple(history)
+    found.epoch, found.epoch_val_accuracy = best_epoch, tuple(k / len(val_labels) for k in history)
     return model, found

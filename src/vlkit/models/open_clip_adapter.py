@@ -41,8 +41,13 @@ def import_open_clip():
     """open_clip, or one clear `VlkitError` saying how to install it."""
     try:
         import open_clip
-    except ImportError:
-        raise VlkitError(f"open_clip models: {INSTALL_HINT}") from None
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] != "torchvision":
+            raise VlkitError(f"open_clip models: {INSTALL_HINT}") from None
+        raise VlkitError(
+            "open_clip models: open_clip is installed but torchvision, which it imports, is not; "
+            "pip install 'vlkit[open_clip]' with a torchvision built for this torch"
+        ) from None
     return open_clip
 
 
