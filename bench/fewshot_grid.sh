@@ -31,6 +31,14 @@
 #   b2n-group   base-to-new on emoji-group, 16 shots, every transferable method, papers' recipes.
 #   b2n-clipart base-to-new on clipart-category, 16 shots; CoOp and KgCoOp at 10 epochs
 #               (CoCoOp's own recipe is 10 epochs).
+#   paper-small, paper-clipart   the same tasks under `--protocol paper` for the methods whose
+#             official recipe differs (KgCoOp, CLIP-Adapter, Tip-Adapter(-F); src/vlkit/bench/protocols.py),
+#             KgCoOp at its official 100 epochs, batch 128 (clipart too).
+#   b2n-paper-group, b2n-paper-clipart   the CoCoOp experiment (issue #14): base-to-new under
+#             `--protocol paper` for zero-shot, CoOp (4 tokens from "a photo of a", 200 epochs),
+#             CoCoOp in fp32, with the official fp16 parameters (cocoop-fp16), with its meta-net
+#             frozen at init (cocoop-frozen), and KgCoOp.
+#   report-paper  vlkit's and the paper protocol's rows side by side (needs small, clipart and the paper steps).
 #   domain    emoji-group, 16 shots: train on Twemoji + Noto (the training styles),
 #             test on unused training-style images (source) and on Facebook (target);
 #             without CoCoOp (source + target = 5,640 images x 9 classes per run).
@@ -44,6 +52,8 @@ COMMON=("${SEEDS[@]}" --views 64)
 FEATURE_METHODS=(zeroshot zeroshot-ensemble linear-probe tip-adapter tip-adapter-f clip-adapter)
 TEN='{"coop": {"epochs": 10}, "coop-csc": {"epochs": 10}, "kgcoop": {"epochs": 10}}'
 TRANSFER=(zeroshot coop kgcoop cocoop clip-adapter)
+PAPER_METHODS=(kgcoop clip-adapter tip-adapter tip-adapter-f)
+COCOOP_EXPERIMENT=(zeroshot coop cocoop cocoop-fp16 cocoop-frozen kgcoop)
 
 step() {
   case "$1" in
@@ -61,6 +71,20 @@ step() {
              --methods "${TRANSFER[@]}" --options '{"coop": {"epochs": 10}, "kgcoop": {"epochs": 10}}' --out "$OUT/b2n-clipart" ;;
     domain) "$VLKIT" bench domain --tasks emoji-group --shots 16 "${COMMON[@]}" \
              --methods zeroshot linear-probe clip-adapter kgcoop coop --out "$OUT/domain" ;;
+    paper-small) "$VLKIT" bench fewshot --tasks emoji-group emoji-skintone --shots 1 2 4 8 16 "${COMMON[@]}" --protocol paper \
+             --methods "${PAPER_METHODS[@]}" --out "$OUT/small-paper" ;;
+    paper-clipart) "$VLKIT" bench fewshot --tasks clipart-category --shots 1 2 4 8 16 "${COMMON[@]}" --protocol paper \
+             --methods "${PAPER_METHODS[@]}" --out "$OUT/clipart-paper" ;;
+    b2n-paper-group) "$VLKIT" bench base-to-new --tasks emoji-group --shots 16 "${COMMON[@]}" --protocol paper \
+             --methods "${COCOOP_EXPERIMENT[@]}" --out "$OUT/b2n-group-paper" ;;
+    b2n-paper-clipart) "$VLKIT" bench base-to-new --tasks clipart-category --shots 16 "${COMMON[@]}" --protocol paper \
+             --methods "${COCOOP_EXPERIMENT[@]}" --out "$OUT/b2n-clipart-paper" ;;
+    report-paper)
+      "$VLKIT" bench report --from "$OUT/small" "$OUT/clipart" "$OUT/small-paper" "$OUT/clipart-paper" --out "$OUT/report-paper" \
+        --tasks emoji-group emoji-skintone clipart-category --methods zeroshot "${PAPER_METHODS[@]}" \
+        --average "Average (group, skintone, clipart)=emoji-group,emoji-skintone,clipart-category" \
+        --average "Average (group, skintone)=emoji-group,emoji-skintone"
+      "$VLKIT" bench report --from "$OUT/b2n-group-paper" "$OUT/b2n-clipart-paper" --out "$OUT/report-b2n-paper" ;;
     report)
       local have=()
       for d in small clipart many; do [[ -f "$OUT/$d/results.jsonl" ]] && have+=("$OUT/$d"); done
@@ -73,7 +97,7 @@ step() {
       local b2n=()
       for d in b2n-group b2n-clipart; do [[ -f "$OUT/$d/results.jsonl" ]] && b2n+=("$OUT/$d"); done
       if ((${#b2n[@]})); then "$VLKIT" bench report --from "${b2n[@]}" --out "$OUT/report-b2n"; fi ;;
-    *) echo "unknown step $1 (small small-cocoop clipart many b2n-group b2n-clipart domain report)" >&2; exit 2 ;;
+    *) echo "unknown step $1 (small small-cocoop clipart many b2n-group b2n-clipart paper-small paper-clipart b2n-paper-group b2n-paper-clipart domain report report-paper)" >&2; exit 2 ;;
   esac
 }
 

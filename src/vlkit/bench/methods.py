@@ -153,6 +153,7 @@ def _cocoop(inp: MethodInput, **variant: Any) -> Fitted:
         cfg = replace(cfg, epochs=inp.epochs)
     res = train_cocoop(inp.model, inp.classnames, inp.train_views, inp.train_labels, cfg)
     info = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "train_seconds": round(res.seconds, 2), "ctx_init": ctx_init, **variant}
+    info.update({k: res.history[-1][k] for k in ("ctx_unmoved", "meta_out_unmoved")})  # what fp16 storage left at init
 
     def transfer(names: list[str]) -> Logits:
         moved = res.model.for_classnames(inp.model, names)
