@@ -69,7 +69,7 @@ def existing(flag: str, path: Path | None, kind: str = "any") -> None:
     """`path` must exist (as a file with kind='file', a folder with kind='folder')."""
     if path is None:
         return
-    _no_broken_link(flag, path)
+    no_broken_link(flag, path)
     if not path.exists():
         raise VlkitError(f"{flag} {path}: does not exist; check the path")
     if kind == "file" and not path.is_file():
@@ -96,7 +96,7 @@ def _creatable(flag: str, folder: Path) -> None:
     """The nearest existing ancestor of `folder` must be a writable folder."""
     probe = folder.absolute()
     while not probe.exists():
-        _no_broken_link(flag, probe)
+        no_broken_link(flag, probe)
         probe = probe.parent
     if not probe.is_dir():
         raise VlkitError(f"{flag} {folder}: {probe} is a file, so no folder can be made there")
@@ -104,7 +104,7 @@ def _creatable(flag: str, folder: Path) -> None:
         raise VlkitError(f"{flag} {folder}: {probe} is not writable; pick another place")
 
 
-def _no_broken_link(flag: str, path: Path) -> None:
+def no_broken_link(flag: str, path: Path) -> None:
     """A symlink loop or a dangling link reads as 'missing', but nothing can be made or read through it: say which."""
     from vlkit.data.paths import check_path
 
