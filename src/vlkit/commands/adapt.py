@@ -311,6 +311,10 @@ def _image_paths(images: List[Path]) -> list[str]:
             raise VlkitError(f"{p}: image path does not exist; pass image files or folders")
     if not paths:
         raise VlkitError(f"{', '.join(map(str, images))}: no image files found; pass .png/.jpg files or folders holding them")
+    from vlkit.data.paths import check_path, split_paths
+
+    if not split_paths(paths)[0]:  # every one a loop, dangling link or folder: known before the model loads
+        raise VlkitError(f"{paths[0]}: {check_path(paths[0])}; no usable image path given")
     return paths
 
 

@@ -73,6 +73,8 @@ def _common(
 
     for flag, values in (("--tasks", tasks), ("--methods", methods), ("--shots", shots), ("--seeds", seeds)):
         validate.nonempty(flag, values)
+    if data_dir is not None and data_dir != "sample":
+        validate.no_broken_link("--data-dir", Path(data_dir).expanduser())
     for name in tasks:
         definition_path(name, resolve_data_dir(data_dir))
     for k in shots:

@@ -182,6 +182,7 @@ def register(app: typer.Typer) -> None:
         if text is not None and not text.strip():
             raise VlkitError("--text: empty; give some words to search for")
         validate.at_least("-k", k)
+        validate.at_least("--rerank-k", rerank_k)
         validate.choice("--target", target, TARGETS)
         if rerank != "none":
             from vlkit.commands.blip import check_rerank_search
@@ -277,9 +278,12 @@ def register(app: typer.Typer) -> None:
         from vlkit.retrieval.index import embed_images_local
 
         validate.at_least("--batch-size", batch_size)
+        validate.at_least("--rerank-k", rerank_k)
         validate.caption_template("--caption-template", caption_template)
         validate.out_folder("--runs-dir", runs_dir)
         source = read_source(data, image_field=image_field, caption_field=caption_field, caption_template=caption_template)
+        if not any(it.captions for it in source.items):  # known from the table alone: say so before the model loads
+            raise VlkitError(f"{data}: no captions found in column {caption_field!r}; pass --caption-field or --caption-template")
         vl = _load_model(model)
         result = evaluate_retrieval(vl, source, embedder=partial(embed_images_local, batch_size=batch_size))
         run = runs.new_run_dir(runs_dir, "eval-retrieval")

@@ -69,6 +69,7 @@ def existing(flag: str, path: Path | None, kind: str = "any") -> None:
     """`path` must exist (as a file with kind='file', a folder with kind='folder')."""
     if path is None:
         return
+    no_broken_link(flag, path)
     if not path.exists():
         raise VlkitError(f"{flag} {path}: does not exist; check the path")
     if kind == "file" and not path.is_file():
@@ -95,11 +96,20 @@ def _creatable(flag: str, folder: Path) -> None:
     """The nearest existing ancestor of `folder` must be a writable folder."""
     probe = folder.absolute()
     while not probe.exists():
+        no_broken_link(flag, probe)
         probe = probe.parent
     if not probe.is_dir():
         raise VlkitError(f"{flag} {folder}: {probe} is a file, so no folder can be made there")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise VlkitError(f"{flag} {folder}: {probe} is not writable; pick another place")
+
+
+def no_broken_link(flag: str, path: Path) -> None:
+    """A symlink loop or a dangling link reads as 'missing', but nothing can be made or read through it: say which."""
+    from vlkit.data.paths import check_path
+
+    if os.path.islink(path) and not path.exists():
+        raise VlkitError(f"{flag} {path}: {check_path(path)}; remove the link or give another path")
 
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda)(?::(\d+))?$")
