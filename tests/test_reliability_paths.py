@@ -107,3 +107,22 @@ def test_zeroshot_and_coop_data_skip_links_and_bad_files(tmp_path, tiny_clip_dir
     assert metrics["train_images"] == 4
     assert {os.path.basename(s["path"]) for s in metrics["train_skipped"]} == {"loop1.png", "loop2.png", "dangling.png", "broken.png"}
     assert "skipped 4 unreadable training images" in res.err
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_an_output_or_input_through_a_broken_link_is_one_line_naming_the_link(tmp_path, kind):
+    from vlkit.commands import validate
+    from vlkit.errors import VlkitError
+
+    link = tmp_path / "out"
+    if kind == "loop":
+        link.symlink_to(link)
+    else:
+        link.symlink_to(tmp_path / "gone")
+    for check in (lambda: validate.out_folder("--out", link), lambda: validate.out_folder("--out", link / "run"),
+                  lambda: validate.existing("--model", link)):
+        with pytest.raises(VlkitError) as exc:
+            check()
+        msg = str(exc.value)
+        assert "\n" not in msg and msg.startswith("--") and str(link) in msg and "remove the link" in msg
+    assert not (tmp_path / "gone").exists()
