@@ -125,3 +125,34 @@ def test_bench_help_is_formatted_like_every_command_and_names_real_commands():
         assert "Usage: vlkit " in res.out and "─ Options ─" in res.out
     words = " ".join(re.sub("[│╭╮╰╯─]", " ", bench.out).split())  # the panel wraps lines
     assert "vlkit data tasks" not in words and "emoji-group" in words and "`vlkit data info NAME` describes one" in words
+
+
+def test_a_few_shot_result_is_bitwise_the_same_across_path_spellings_and_cache_states(tmp_path, monkeypatch, tiny_clip_dir):
+    """Issue 12's seed-3 probe: the same images reached by another path spelling, or with the
+    feature cache cold, warm or off, give every recorded number bit for bit (C included) and
+    the same learned predictor (its logits on fixed inputs compared exactly)."""
+    import torch
+
+    from vlkit.bench.data import TaskFeatures
+    from vlkit.bench.fewshot import run_fewshot
+    from vlkit.data.recipes import SAMPLE_DIR
+    from vlkit.models import load_model
+
+    model = load_model(str(tiny_clip_dir))
+    (tmp_path / "link").symlink_to(SAMPLE_DIR, target_is_directory=True)
+    spellings = {"sample": "sample", "link": tmp_path / "link", "dotted": f"{tmp_path / 'link'}/./"}
+
+    def run(name: str, data_dir, cache: bool) -> list[dict]:
+        monkeypatch.setenv("VLKIT_CACHE", str(tmp_path / f"cache-{'shared' if cache else name}"))
+        probe = torch.nn.functional.normalize(torch.randn(8, model.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+        learned = []  # each fitted predictor's logits on fixed inputs: its weights, bit for bit
+        recs = run_fewshot(["emoji-skintone"], ["linear-probe", "tip-adapter"], [2], [3], tmp_path / name,
+                           provider=TaskFeatures(model, data_dir, views=2, cache=cache), log=lambda s: None,
+                           on_fit=lambda key, fitted: learned.append(fitted.logits(probe).tolist()))
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in recs] + learned
+
+    first = run("cold", "sample", cache=True)  # fills the shared cache
+    assert len(first) == 4 and first[0]["info"]["C"] > 0
+    for name, data_dir in spellings.items():
+        assert run(f"warm-{name}", data_dir, cache=True) == first, name
+    assert run("off", spellings["dotted"], cache=False) == first
