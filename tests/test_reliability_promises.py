@@ -140,7 +140,7 @@ def test_a_few_shot_result_is_bitwise_the_same_across_path_spellings_and_cache_s
 
     model = load_model(str(tiny_clip_dir))
     (tmp_path / "link").symlink_to(SAMPLE_DIR, target_is_directory=True)
-    spellings = {"sample": "sample", "link": tmp_path / "link", "dotted": f"{tmp_path / 'link'}/./"}
+    dotted = f"{tmp_path / 'link'}/./"  # through a symlink, with a ./ in the spelling
 
     def run(name: str, data_dir, cache: bool) -> list[dict]:
         monkeypatch.setenv("VLKIT_CACHE", str(tmp_path / f"cache-{'shared' if cache else name}"))
@@ -153,6 +153,5 @@ def test_a_few_shot_result_is_bitwise_the_same_across_path_spellings_and_cache_s
 
     first = run("cold", "sample", cache=True)  # fills the shared cache
     assert len(first) == 4 and first[0]["info"]["C"] > 0
-    for name, data_dir in spellings.items():
-        assert run(f"warm-{name}", data_dir, cache=True) == first, name
-    assert run("off", spellings["dotted"], cache=False) == first
+    assert run("warm", dotted, cache=True) == first
+    assert run("off", tmp_path / "link", cache=False) == first
