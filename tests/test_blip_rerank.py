@@ -189,6 +189,16 @@ def test_evaluate_retrieval_rerank_matches_a_direct_computation(setup, tmp_path)
     d = res.to_dict()
     assert d["text_to_image"] == d["itc_itm"]["text_to_image"] and d["rerank"]["k"] == 2
 
+    # tokens computed once elsewhere (one tower pass shared by several evaluations): same result, no image read
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    for name in colours:
+        (tmp_path / f"{name}.png").write_bytes(b"")  # would be skipped if read
+    again = evaluate_retrieval_rerank(loaded, read_source(good), k=k, batch_size=3, image_embeds=embeds)
+    assert (again.itm, again.itc, again.images, again.skipped) == (res.itm, res.itc, 4, [])
+    with pytest.raises(ValueError, match="3 rows for 4 captioned images"):
+        evaluate_retrieval_rerank(loaded, read_source(good), k=k, image_embeds=embeds[:3])
+
 
 # ---------------------------------------------------------------- search --rerank itm
 

@@ -190,13 +190,16 @@ def evaluate_retrieval_rerank(
     batch_size: int = 32,
     ks: tuple[int, ...] = (1, 5, 10),
     progress: bool = False,
+    image_embeds: torch.Tensor | None = None,
 ) -> RerankEval:
     """Retrieval on a caption table as BLIP evaluates it: ITC ranks, then ITM re-ranks the top k.
 
     Queries and relevance are those of `vlkit.retrieval.evaluate` (each distinct caption one
     text query, true for every image carrying it). Texts are fed as in BLIP's evaluation
     (`pre_caption`, 30 words, 35 tokens). The image tokens of every image are kept in memory
-    ([images, 1+N, width] floats: about 100 KB an image for the shipped model).
+    ([images, 1+N, width] floats: about 100 KB an image for the shipped model); a caller that
+    already has them (one tower pass shared by several evaluations) passes `image_embeds`,
+    one row per captioned item of `source` in order, and no image is read.
     """
     from vlkit.blip.captioning import pixel_batches, progress_bar
     from vlkit.blip.match import blip_texts
@@ -215,13 +218,18 @@ def evaluate_retrieval_rerank(
     if not items:
         raise VlkitError(f"{source.description['source']}: no captions found; pass --caption-field or --caption-template")
     skipped: list[tuple[str, str]] = []
-    embeds, ok = [], []
-    for batch in pixel_batches([str(it.path) for it in items], loaded.preprocess, batch_size, skipped):
-        embeds.append(blip.image_embeds(batch.pixels.to(device)).cpu())
-        ok.extend(batch.index)
-    if not ok:
-        raise VlkitError(f"{source.description['source']}: none of its {len(items)} captioned images could be read")
-    image_embeds = torch.cat(embeds)
+    if image_embeds is not None:
+        if len(image_embeds) != len(items):
+            raise ValueError(f"image_embeds: {len(image_embeds)} rows for {len(items)} captioned images")
+        ok = list(range(len(items)))
+    else:
+        embeds, ok = [], []
+        for batch in pixel_batches([str(it.path) for it in items], loaded.preprocess, batch_size, skipped):
+            embeds.append(blip.image_embeds(batch.pixels.to(device)).cpu())
+            ok.extend(batch.index)
+        if not ok:
+            raise VlkitError(f"{source.description['source']}: none of its {len(items)} captioned images could be read")
+        image_embeds = torch.cat(embeds)
     image_feats = torch.cat([blip.image_feat(image_embeds[s : s + batch_size].to(device)).cpu() for s in range(0, len(ok), batch_size)])
     text_to_images: dict[str, list[int]] = {}
     for img, i in enumerate(ok):

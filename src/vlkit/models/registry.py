@@ -3,7 +3,7 @@
 A spec is resolved by the first resolver whose `matches(spec)` is true, in
 registration order:
 
-- embedded names (`vlkit-tiny`): vlkit's own models under `vlkit/weights/<name>/`;
+- embedded names (`vlkit-tiny`, `vlkit-blip-tiny`): vlkit's own models under `vlkit/weights/<name>/`;
 - `open_clip:ARCH[:PRETRAINED_OR_FILE]`: the open_clip extra;
 - a local folder: dispatched on what its `config.json` says it holds
   (`FOLDER_KINDS`: model_type `clip`, `vision-text-dual-encoder`, `blip`, or vlkit's
@@ -48,7 +48,7 @@ FOLDER_KINDS: dict[str, Callable[[Path, str], VLModel]] = {}
 # file suffix (".pth") -> loader(path, spec), for single-file checkpoints
 FILE_KINDS: dict[str, Callable[[Path, str], VLModel]] = {}
 # embedded model name -> folder
-EMBEDDED: dict[str, Path] = {"vlkit-tiny": WEIGHTS_DIR / "vlkit-tiny"}
+EMBEDDED: dict[str, Path] = {"vlkit-tiny": WEIGHTS_DIR / "vlkit-tiny", "vlkit-blip-tiny": WEIGHTS_DIR / "vlkit-blip-tiny"}
 
 
 def register_resolver(name: str, matches: Callable[[str], bool], describe: str):

