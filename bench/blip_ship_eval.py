@@ -108,7 +108,7 @@ def caption_scores(preds: dict[str, str], refs: dict[str, list[str]], names: dic
     s = score_captions(preds, refs, tokenizer="python", meteor="off")
     right = sum(names_right(preds[k], names[k]) for k in preds)
     exact = sum(any(preds[k].strip(" .") == r.strip(" .") for r in refs[k]) for k in preds)
-    return {"images": len(preds), "BLEU-4": s.scores["Bleu_4"], "CIDEr": s.scores["CIDEr"],
+    return {"images": len(preds), "BLEU-4": s.scores["BLEU-4"], "CIDEr": s.scores["CIDEr"],
             "names_right_%": 100.0 * right / len(preds), "exact_%": 100.0 * exact / len(preds)}
 
 

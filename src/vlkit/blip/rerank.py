@@ -44,7 +44,8 @@ DEFAULT_RERANK_K = 128
 RERANK_CHOICES = ("none", "itm")
 
 # (query row, candidate columns [k]) -> ITM match logits [k] of those pairs
-ItmFn = Callable[[int, torch.Tensor], torch.Tensor]
+# itm(queries, candidates): ITM match logits of the pairs (queries[i], candidates[i]), two equal-length index tensors
+ItmFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def check_rerank(rerank: str, k: int) -> None:
@@ -70,22 +71,34 @@ def top_candidates(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return sims[order], order
 
 
-def rerank_scores(itc: torch.Tensor, k: int, itm: ItmFn, advance: Callable[[int], None] | None = None) -> torch.Tensor:
-    """[Q, N] ITC cosines -> [Q, N] scores: top-k by ITC get ITM logit[:, 1] + cosine, the rest stay below in ITC order."""
+def rerank_scores(
+    itc: torch.Tensor, k: int, itm: ItmFn, advance: Callable[[int], None] | None = None, pairs_per_call: int = 256
+) -> torch.Tensor:
+    """[Q, N] ITC cosines -> [Q, N] scores: top-k by ITC get ITM logit[:, 1] + cosine, the rest stay below in ITC order.
+
+    `itm` scores the top-k pairs of several queries at once (about `pairs_per_call` pairs a call),
+    so a small k still fills the encoder's batches.
+    """
     if itc.ndim != 2:
         raise ValueError(f"itc must be [queries, candidates], got {tuple(itc.shape)}")
     k = min(int(k), itc.shape[1])
+    step = max(1, int(pairs_per_call) // max(k, 1))
     out = torch.empty_like(itc)
-    for q in range(itc.shape[0]):
-        sims = itc[q]
-        topk_sim, topk_idx = top_candidates(sims, k)
-        score = itm(q, topk_idx).to(itc.dtype) + topk_sim
-        # every candidate outside the top k: below the lowest re-scored one, keeping its ITC order
-        row = sims - sims.max() - 1.0 + score.min()
-        row[topk_idx] = score
-        out[q] = row
+    for start in range(0, itc.shape[0], step):
+        queries = list(range(start, min(itc.shape[0], start + step)))
+        tops = [top_candidates(itc[q], k) for q in queries]
+        q_idx = torch.tensor(queries, dtype=torch.long).repeat_interleave(k)
+        logits = itm(q_idx, torch.cat([idx for _, idx in tops])).to(itc.dtype).view(len(queries), k)
+        for j, q in enumerate(queries):
+            sims = itc[q]
+            topk_sim, topk_idx = tops[j]
+            score = logits[j] + topk_sim
+            # every candidate outside the top k: below the lowest re-scored one, keeping its ITC order
+            row = sims - sims.max() - 1.0 + score.min()
+            row[topk_idx] = score
+            out[q] = row
         if advance is not None:
-            advance(1)
+            advance(len(queries))
     return out
 
 
@@ -122,11 +135,8 @@ def rerank_text_to_image(
 ) -> torch.Tensor:
     """[T, I] re-ranked scores: each text against its k nearest images (image tokens [I, 1+N, Dv])."""
 
-    def itm(q: int, cands: torch.Tensor) -> torch.Tensor:
-        n = cands.shape[0]
-        ids = texts.input_ids[q : q + 1].expand(n, -1)
-        mask = texts.attention_mask[q : q + 1].expand(n, -1)
-        return itm_match_logits(blip, image_embeds[cands], ids, mask, batch_size)
+    def itm(queries: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+        return itm_match_logits(blip, image_embeds[cands], texts.input_ids[queries], texts.attention_mask[queries], batch_size)
 
     return rerank_scores(itc_t2i, k, itm, advance)
 
@@ -142,10 +152,8 @@ def rerank_image_to_text(
 ) -> torch.Tensor:
     """[I, T] re-ranked scores: each image against its k nearest texts."""
 
-    def itm(q: int, cands: torch.Tensor) -> torch.Tensor:
-        n = cands.shape[0]
-        embeds = image_embeds[q : q + 1].expand(n, -1, -1)
-        return itm_match_logits(blip, embeds, texts.input_ids[cands], texts.attention_mask[cands], batch_size)
+    def itm(queries: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+        return itm_match_logits(blip, image_embeds[queries], texts.input_ids[cands], texts.attention_mask[cands], batch_size)
 
     return rerank_scores(itc_i2t, k, itm, advance)
 
