@@ -276,6 +276,44 @@ def test_cli_caption_sampling_with_a_prompt(blip_dirs, data, tmp_path, capsys):
     assert not any(c.startswith("a picture of") for r in rows for c in r["captions"])
 
 
+def test_bf16_captions_are_the_autocast_computation_and_recorded(blip_dirs, loaded, data, tmp_path, capsys, monkeypatch):
+    """--precision bf16: the tower and the decoder under bfloat16 autocast, the same as running transformers'
+    generate by hand inside `torch.autocast`; fp32 stays the default and exact."""
+    from vlkit.blip.captioning import caption_files
+    from vlkit.blip.generate import decode, generate, settings_for
+
+    settings = settings_for("beam", max_length=10, precision="bf16")
+    run = caption_files(loaded, good_images(data), settings, batch_size=4)
+    pixels = torch.stack([loaded.preprocess(Image.open(p).convert("RGB")) for p in good_images(data)])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        embeds = loaded.model.image_embeds(pixels)
+        want = decode(loaded.tokenizer, generate(loaded.model, embeds, loaded.tokenizer, settings_for("beam", max_length=10)))
+    with torch.no_grad():
+        assert not torch.equal(embeds, loaded.model.image_embeds(pixels))  # the matmuls did run in bfloat16
+    assert [r["caption"] for r in run.records] == want
+    tower, autocast_on = loaded.model.image_embeds, []
+    monkeypatch.setattr(loaded.model, "image_embeds", lambda px: (autocast_on.append(torch.is_autocast_enabled("cpu")), tower(px))[1])
+    caption_files(loaded, good_images(data), settings, batch_size=4)
+    caption_files(loaded, good_images(data), settings_for("beam", max_length=10), batch_size=4)
+    assert autocast_on == [True, False]  # the tower too, and only when asked
+    monkeypatch.undo()
+    assert run.records[0]["settings"]["precision"] == "bf16" and "precision" not in settings_record_of(loaded, data)
+    code, _, err = cli(["caption", *good_images(data), "--model", blip_dirs[0], "--precision", "bf16", "--max-length", "10",
+                        "--batch-size", "4", "--out", tmp_path / "runs", "--no-progress"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in next((tmp_path / "runs").iterdir()).joinpath("captions.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in rows] == want
+    code, _, err = cli(["caption", *good_images(data), "--model", blip_dirs[0], "--precision", "fp16", "--out", tmp_path / "r2"], capsys)
+    assert "--precision 'fp16': unknown; use one of fp32, bf16" in one_error_line(code, err)
+
+
+def settings_record_of(loaded, data) -> dict:
+    from vlkit.blip.captioning import caption_files
+    from vlkit.blip.generate import settings_for
+
+    return caption_files(loaded, good_images(data)[:1], settings_for("beam", max_length=10)).records[0]["settings"]
+
+
 def test_cli_match_writes_csv_and_jsonl(blip_dirs, data, tmp_path, capsys):
     runs = tmp_path / "runs"
     code, out, err = cli(["match", "--model", blip_dirs[1], "--data", data, "--out", runs, "--no-progress"], capsys)

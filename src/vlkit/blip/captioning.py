@@ -189,6 +189,8 @@ def settings_record(settings: "CaptionSettings") -> dict[str, Any]:
         "prompt": settings.prompt,
         "num_captions": settings.num_return_sequences,
     }
+    if settings.precision != "fp32":
+        common["precision"] = settings.precision
     if settings.method == "beam":
         return {"num_beams": settings.num_beams, **common}
     return {"top_p": settings.top_p, "top_k": settings.top_k, "seed": settings.seed, **common}
@@ -241,7 +243,8 @@ def caption_files(
             run = settings
             if settings.method == "nucleus":
                 run = replace(settings, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
-            embeds = model.image_embeds(batch.pixels.to(device))
+            with settings.autocast(device):
+                embeds = model.image_embeds(batch.pixels.to(device))
             texts = decode(loaded.tokenizer, generate(model, embeds, loaded.tokenizer, run))
             for k, i in enumerate(batch.index):
                 caps = texts[k * num_captions : (k + 1) * num_captions]

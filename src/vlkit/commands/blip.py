@@ -78,6 +78,7 @@ def caption(
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="Default BLIP's: 1.0 with beam search, 1.1 with --sample."),
     num_captions: int = typer.Option(1, "--num-captions", help="Captions per image (the best beams, or independent samples)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact) or bf16 (autocast: about 2x on CPUs with avx512_bf16; a few captions change)."),
     seed: int = typer.Option(0, "--seed", help="Seeds --sample (recorded either way)."),
     image_column: Optional[str] = typer.Option(None, "--image-column", help="Tables' image column (default: image, path, file, ...)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps."),
@@ -107,7 +108,9 @@ def caption(
     if top_p is not None and not (0 < top_p <= 1):
         raise VlkitError(f"--top-p {top_p}: must be in (0, 1]")
     validate.positive("--repetition-penalty", repetition_penalty)
-    overrides = {"max_length": max_length, "min_length": min_length, "seed": seed, "num_return_sequences": num_captions}
+    validate.choice("--precision", precision, ("fp32", "bf16"))
+    overrides = {"max_length": max_length, "min_length": min_length, "seed": seed, "num_return_sequences": num_captions,
+                 "precision": precision}
     if beam is not None:
         overrides["num_beams"] = beam
     if top_p is not None:
