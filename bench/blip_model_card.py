@@ -16,6 +16,10 @@ import json
 from pathlib import Path
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} KB"
+
+
 def _mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != "MODEL_CARD.md") / 1e6
 
@@ -27,6 +31,7 @@ def main() -> None:
     ap.add_argument("--eval", required=True)
     ap.add_argument("--speed", required=True)
     ap.add_argument("--command", required=True)
+    ap.add_argument("--ship-command", default="", help="how the run's model folder became the shipped one")
     ap.add_argument("--wall", required=True, help="how the wall time was measured")
     ap.add_argument("--notes", default="")
     ap.add_argument("--out", required=True)
@@ -40,7 +45,7 @@ def main() -> None:
     m, b, t = s["model"], s["blip"], s["train"]
     shipped = json.loads((folder / "config.json").read_text())
     text = shipped.get("text_config") or {}
-    files = ", ".join(f"`{p.name}` ({p.stat().st_size / 1e6:.1f} MB)" for p in sorted(folder.iterdir()) if p.is_file() and p.name != "MODEL_CARD.md")
+    files = ", ".join(f"`{p.name}` ({_size(p.stat().st_size)})" for p in sorted(folder.iterdir()) if p.is_file() and p.name != "MODEL_CARD.md")
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in log if "step" in r]
     last = steps[-1]
@@ -76,15 +81,16 @@ def main() -> None:
         "",
         "## Training",
         "",
-        f"- Command: `{args.command}`",
+        f"- Command: `{args.command}`" + (f"; then `{args.ship_command}`" if args.ship_command else ""),
         f"- Where: this project's development machine, CPU only, {cfg['world_size']} process x {cfg['threads']} threads.",
         f"- Objectives: ITC with momentum encoders (EMA {b['momentum']}), queue {b['queue_size'] or 'default'} and distillation (alpha {b['alpha']}, "
         f"ramped over {b['alpha_ramp_epochs']} epochs); ITM with hard negatives; LM with label smoothing {b['label_smoothing']}.",
         f"- Schedule: {t['epochs']} epochs, {tr['global_step']} steps of batch {t['batch_size']}, AdamW (lr {t['lr']}, weight decay "
         f"{t['weight_decay']}), {t['warmup_steps']} warmup steps then cosine to {t['min_lr_ratio']} x lr, {t['precision']} autocast, seed {s['seed']}.",
         f"- Wall time: {met['wall_s_total']:.0f} s for the whole command; training loop {tr['wall_s_this_session']:.0f} s at "
-        f"{tr['pairs_per_s_this_session']:.0f} pairs/s; the locked tower's image tokens took {tr['image_precompute_s']:.0f} s "
-        f"(0 when read from vlkit's cache). {args.wall}",
+        f"{tr['pairs_per_s_this_session']:.0f} pairs/s; "
+        + (f"the locked tower's image tokens took {tr['image_precompute_s']:.0f} s. " if tr["image_precompute_s"]
+           else "the locked tower's image tokens were read from vlkit's cache. ") + args.wall,
         f"- Final losses (step {last['step']}): total {last['loss']:.3f}, ITC {last['itc']:.3f}, ITM {last['itm']:.3f}, LM {last['lm']:.3f}.",
         "",
         "## Results on held-out images (`bench/blip_ship_eval.py`)",
