@@ -3,7 +3,8 @@
 Web alt-text taught CLIP the words downstream tasks use; here the captions are
 written from every label a row carries (emoji: name, tags, group, subgroup in
 English and Chinese; clip-art: category path and the noisy file-name caption),
-each in several phrasings. Every step draws one caption per image.
+each in several phrasings; a row with a `captions` list and no labels (CapFilt's
+collection) is captioned by that list. Every step draws one caption per image.
 
 A captioner must not learn all of those: a decoder trained on "an emoji from the
 category Smileys & Emotion." next to "an emoji of grinning face." writes the
@@ -108,7 +109,18 @@ def _is_clipart(row: dict) -> bool:
     return row.get("style") == "openclipart" or "category" in row
 
 
+def _is_caption_row(row: dict) -> bool:
+    """A row that lists its captions itself (CapFilt's collection.jsonl), with no emoji or clip-art labels."""
+    return isinstance(row.get("captions"), list) and not row.get("label") and not _is_clipart(row)
+
+
+def _listed_captions(row: dict) -> list[str]:
+    return [c for c in (" ".join(str(x).split()) for x in row["captions"]) if c]
+
+
 def row_captions(row: dict, languages: Sequence[str] = ("en", "zh")) -> list[str]:
+    if _is_caption_row(row):
+        return _listed_captions(row)
     if _is_clipart(row):
         return clipart_captions(row, languages)
     return emoji_captions(row, languages)
@@ -118,7 +130,9 @@ def describing_captions(row: dict) -> list[str]:
     """What a caption of this image should say, in one phrasing: "an emoji of <name>." (a
     skin-tone variant by its base's name, as the label task counts it) or "a clip art of
     <category>." (the category task's level; also with the leaf when deeper). Empty
-    when the row names nothing."""
+    when the row names nothing. A row that lists its captions describes with all of them."""
+    if _is_caption_row(row):
+        return _listed_captions(row)
     if _is_clipart(row):
         parts = [_human(p) for p in str(row.get("category") or "").replace("\\", "/").split("/") if p]
         if not parts:
