@@ -161,3 +161,58 @@ def test_the_shipped_filter_drops_swapped_captions(tmp_path):
     swapped_kept = sum(r["kept"] for r in web_rows if line_of[r["path"]] % 2 == 1)
     assert true_kept >= TRUE_KEPT_AT_LEAST and swapped_kept <= SWAPPED_KEPT_AT_MOST, (true_kept, swapped_kept)
 
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def test_cli_run_steps_resume_and_refuse_other_settings(tmp_path, capsys):
+    from blip_tiny import save_tiny_hf_blip
+    from test_blip_cli import cli, one_error_line
+
+    human, web = tables(tmp_path)
+    save_tiny_hf_blip(tmp_path / "blip")
+    out = tmp_path / "capfilt"
+    base = ["--web", web, "--out", out, "--shard-size", "2", "--max-length", "8", "--min-length", "3", "--no-progress"]
+    code, stdout, err = cli(["capfilt", "run", "--human", human, "--captioner", tmp_path / "blip", "--filter", tmp_path / "blip", *base], capsys)
+    assert code == 0, err
+    assert "collection.jsonl" in stdout and sorted(p.name for p in out.iterdir()) == [
+        "capfilt.json", "collection.jsonl", "provenance.jsonl", "shards", "summary.json"]
+    first = (out / "provenance.jsonl").read_bytes()
+    # the steps one by one in the same folder: nothing to redo, the same collection
+    for step in (["caption", "--captioner", tmp_path / "blip", *base], ["filter", "--filter", tmp_path / "blip", *base[:-5], "--no-progress"],
+                 ["write", "--human", human, *base[:-5]]):
+        code, _, err = cli(["capfilt", *step], capsys)
+        assert code == 0, err
+    assert (out / "provenance.jsonl").read_bytes() == first
+    code, _, err = cli(["capfilt", "caption", "--captioner", tmp_path / "blip", *base, "--seed", "9"], capsys)
+    assert "its caption step ran with other settings (seed); use the same settings to resume" in one_error_line(code, err)
+    code, _, err = cli(["capfilt", "filter", "--filter", tmp_path / "blip", *base[:-5], "--threshold", "0.7"], capsys)
+    assert "its filter step ran with other settings (threshold)" in one_error_line(code, err)
+
+
+def test_cli_bad_input_is_one_line_before_any_model_or_output(tmp_path, capsys, tiny_clip_dir):
+    from blip_tiny import save_tiny_hf_blip
+    from test_blip_cli import cli, one_error_line
+
+    human, web = tables(tmp_path)
+    save_tiny_hf_blip(tmp_path / "blip")
+    capsys.readouterr()  # transformers' saving progress
+    retrieval_only = tmp_path / "blip" / "retrieval"
+    (tmp_path / "nocol.csv").write_text("file,words\na.png,x\n")
+    out = tmp_path / "capfilt"
+    run = ["capfilt", "run", "--human", human, "--web", web, "--captioner", tmp_path / "blip", "--filter", tmp_path / "blip", "--out", out]
+    cases = {
+        "--web": ([*run[:5], tmp_path / "missing.jsonl", *run[6:]], "--web"),
+        "--threshold 1.5: an ITM probability in [0, 1)": ([*run, "--threshold", "1.5"], None),
+        "--shard-size 0": ([*run, "--shard-size", "0"], None),
+        "no column 'caption'": ([*run[:3], tmp_path / "nocol.csv", *run[4:], "--text-column", "caption"], None),
+        "--captioner": ([*run[:7], retrieval_only, *run[8:]], "has no text decoder"),
+        "holds a 'clip' checkpoint": ([*run[:9], tiny_clip_dir, *run[10:]], str(tiny_clip_dir)),
+        "--top-p 0.5: applies to nucleus sampling only": ([*run, "--beam", "3", "--top-p", "0.5"], None),
+    }
+    for start, (argv, also) in cases.items():
+        code, _, err = cli(argv, capsys)
+        line = one_error_line(code, err)
+        assert start in line and (also is None or also in line), (argv, line)
+        assert not out.exists(), argv

@@ -54,6 +54,8 @@ NON_FINITE = st.sampled_from(["nan", "inf", "-inf", "NaN"])
 RATE = st.one_of(st.floats(max_value=0, allow_nan=False).map(repr), NON_FINITE, st.just("fast"))  # must be > 0
 UNIT = st.one_of(st.floats(min_value=1, exclude_min=True, allow_infinity=False).map(repr),
                  st.floats(max_value=0, allow_nan=False).map(repr), NON_FINITE)  # must lie in (0, 1]
+THRESHOLD = st.one_of(st.floats(min_value=1, allow_infinity=False).map(repr), st.floats(max_value=0, exclude_max=True).map(repr),
+                      NON_FINITE)  # must lie in [0, 1)
 PORT = st.one_of(st.integers(max_value=0), st.integers(min_value=65536)).map(str)
 DEVICE = st.sampled_from(["banana", "cuda:7", "cpu:1", "", "gpu", "cuda:-1", "CUDA", "cuda:0:1", " mps x"])
 SPLITS = st.sampled_from(["", "nope", "TRAIN", "../train", "train,test"])
@@ -116,6 +118,8 @@ def cases(w: World) -> dict[tuple[str, ...], tuple[list[str], dict[str, st.Searc
     bench_slots = {"--shots": COUNT, "--seeds": NOT_INT, "--epochs": COUNT, "--views": COUNT, "--out": out_path(w),
                    "--tasks": NAME, "--methods": choice_outside("zeroshot", "linear-probe"),
                    "--options": st.sampled_from(["{", "[]", "3", '{"coop": 3}', "null", "'x'"]), "--data-dir": in_path(w, "folder")}
+    capfilt_web = {"--web": in_path(w, "file"), "--out": out_path(w), "--shard-size": COUNT,
+                   "--text-column": choice_outside("caption", "label", "image"), "--image-column": choice_outside("image")}
     return {
         ("version",): ([], {}),
         ("zeroshot",): (["--model", m, "--data", d, "--out", new],
@@ -134,6 +138,19 @@ def cases(w: World) -> dict[tuple[str, ...], tuple[list[str], dict[str, st.Searc
                        {"--top-k": COUNT, "--out": out_path(w), "--device": DEVICE, "--images": in_path(w),
                         "--prompt": in_path(w, "folder")}),
         ("demo",): (["--out", new, "--epochs", "1"], {"--out": out_path(w), "--epochs": COUNT}),
+        ("capfilt", "caption"): (["--web", t, "--captioner", b, "--out", new, "--text-column", "caption"],
+                                 {**capfilt_web, "--captioner": in_path(w, "folder"), "--beam": COUNT, "--num-captions": COUNT,
+                                  "--batch-size": COUNT, "--top-p": UNIT, "--max-length": st.integers(max_value=1).map(str),
+                                  "--min-length": st.integers(max_value=-1).map(str), "--device": DEVICE}),
+        ("capfilt", "filter"): (["--web", t, "--filter", b, "--out", new, "--text-column", "caption"],
+                                {**capfilt_web, "--filter": in_path(w, "folder"), "--threshold": THRESHOLD, "--batch-size": COUNT,
+                                 "--device": DEVICE}),
+        ("capfilt", "write"): (["--human", t, "--web", t, "--out", new, "--text-column", "caption"],
+                               {**capfilt_web, "--human": in_path(w, "file")}),
+        ("capfilt", "run"): (["--human", t, "--web", t, "--captioner", b, "--filter", b, "--out", new, "--text-column", "caption"],
+                             {**capfilt_web, "--human": in_path(w, "file"), "--captioner": in_path(w, "folder"),
+                              "--filter": in_path(w, "folder"), "--threshold": THRESHOLD, "--top-p": UNIT, "--beam": COUNT,
+                              "--batch-size": COUNT, "--device": DEVICE}),
         ("caption",): ([d, "--model", b, "--out", new],
                        {"--beam": COUNT, "--batch-size": COUNT, "--max-length": st.integers(max_value=1).map(str),
                         "--num-captions": COUNT, "--repetition-penalty": RATE, "--device": DEVICE, "--out": out_path(w),

@@ -10,7 +10,7 @@ import importlib
 
 import typer
 
-MODULES = ["data", "zeroshot", "retrieval", "pretrain", "adapt", "bench", "demo", "blip"]
+MODULES = ["data", "zeroshot", "retrieval", "pretrain", "adapt", "bench", "demo", "blip", "capfilt"]
 
 
 def register_all(app: typer.Typer) -> None:
