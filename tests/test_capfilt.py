@@ -101,7 +101,7 @@ def test_provenance_lists_every_pair_once_and_the_collection_is_what_was_kept(ti
         elif "skipped" in r:
             assert r["path"].endswith("broken.png") and not r["kept"] and r["skipped"]
         else:
-            assert r["kept"] == (r["itm_probability"] > 0.5)
+            assert r["kept"] == (r["itm_probability"] > 0.5) and r["threshold"] == 0.5
     kept = {}
     for r in prov:
         if r["kept"]:
@@ -121,7 +121,7 @@ def test_an_interrupted_run_resumes_to_the_same_output(tiny, tmp_path):
     human, web = tables(tmp_path)
     assert run_all(tiny, human, web, tmp_path / "whole") == [False, False, False]
     assert run_all(tiny, human, web, tmp_path / "resumed", stop_after=1) == [True, False, False]
-    for name in ("provenance.jsonl", "collection.jsonl", "summary.json"):
+    for name in ("provenance.jsonl", "collection.jsonl", "summary.json", "itm_scores.png"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
     whole = sorted(p.name for p in (tmp_path / "whole" / "shards").iterdir())
     assert whole == sorted(p.name for p in (tmp_path / "resumed" / "shards").iterdir()) and len(whole) == 6
@@ -177,7 +177,7 @@ def test_cli_run_steps_resume_and_refuse_other_settings(tmp_path, capsys):
     code, stdout, err = cli(["capfilt", "run", "--human", human, "--captioner", tmp_path / "blip", "--filter", tmp_path / "blip", *base], capsys)
     assert code == 0, err
     assert "collection.jsonl" in stdout and sorted(p.name for p in out.iterdir()) == [
-        "capfilt.json", "collection.jsonl", "provenance.jsonl", "shards", "summary.json"]
+        "capfilt.json", "collection.jsonl", "itm_scores.png", "provenance.jsonl", "shards", "summary.json"]
     first = (out / "provenance.jsonl").read_bytes()
     # the steps one by one in the same folder: nothing to redo, the same collection
     for step in (["caption", "--captioner", tmp_path / "blip", *base], ["filter", "--filter", tmp_path / "blip", *base[:-5], "--no-progress"],

@@ -20,7 +20,8 @@ one does. `write_collection` then reads the shards back into:
 - `provenance.jsonl`: every input pair and every synthetic caption exactly once,
   with source (human / web / synthetic), ITM probability and decision (or the
   reason its image was skipped);
-- `summary.json`: counts and kept shares per source, examples of each kind.
+- `summary.json`: counts and kept shares per source, examples of each kind;
+- `itm_scores.png`: histograms of the ITM probabilities of web and synthetic texts.
 """
 
 from __future__ import annotations
@@ -158,7 +159,8 @@ def filter_pass(
                 continue
             score = next(scores)
             p = score["itm_probability"]
-            rows.append({"path": pair.path, "text": pair.text, "source": source, "itm_probability": p, "kept": p > threshold})
+            rows.append({"path": pair.path, "text": pair.text, "source": source, "itm_probability": p, "threshold": threshold,
+                         "kept": p > threshold})
         rows += [{"path": p.path, "text": p.text, "source": "web", "kept": False, "skipped": skipped[p.path]}
                  for p in shard.pairs if p.path in skipped]
         _write_jsonl(shard.filter_path, rows)
@@ -202,5 +204,30 @@ def write_collection(human: Sequence["Pair"], todo: Sequence[Shard], out_dir: st
         }
     _write_jsonl(out / "provenance.jsonl", provenance)
     _write_jsonl(out / "collection.jsonl", collection)
+    plot_itm_scores(provenance, out / "itm_scores.png")
     io.write_json(out / "summary.json", summary)  # last: its presence marks a finished collection
     return summary
+
+
+def plot_itm_scores(provenance: Sequence[dict[str, Any]], path: Path) -> None:
+    """Histograms of the filter's ITM probability for web texts and synthetic captions, the threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for source, colour in (("web", "tab:orange"), ("synthetic", "tab:blue")):
+        scores = [r["itm_probability"] for r in provenance if r["source"] == source and "itm_probability" in r]
+        if scores:
+            ax.hist(scores, bins=20, range=(0, 1), alpha=0.55, color=colour, label=f"{source} ({len(scores)})")
+    cut = next((r["threshold"] for r in provenance if "threshold" in r), None)
+    if cut is not None:
+        ax.axvline(cut, color="black", ls="--", lw=1, label=f"threshold {cut:g}")
+    ax.set_xlabel("ITM match probability")
+    ax.set_ylabel("texts")
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
