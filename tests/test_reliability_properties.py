@@ -389,6 +389,10 @@ TABLE_COMMANDS = {
     "predict": lambda w, t, out: ["predict", "--prompt", w.prompt, "--data", t, "--out", out],
     "eval caption": lambda w, t, out: ["eval", "caption", "--pred", t, "--refs", w.table, "--out", out],
     "coop train": lambda w, t, out: ["coop", "train", "--model", w.model, "--data", t, "--out", out],
+    "capfilt run --web": lambda w, t, out: ["capfilt", "run", "--human", w.table, "--web", t, "--captioner", w.blip,
+                                            "--filter", w.blip, "--out", out],
+    "capfilt run --human": lambda w, t, out: ["capfilt", "run", "--human", t, "--web", w.table, "--captioner", w.blip,
+                                              "--filter", w.blip, "--out", out],
 }
 
 
