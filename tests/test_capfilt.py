@@ -189,6 +189,9 @@ def test_cli_run_steps_resume_and_refuse_other_settings(tmp_path, capsys):
     assert "its caption step ran with other settings (seed); use the same settings to resume" in one_error_line(code, err)
     code, _, err = cli(["capfilt", "filter", "--filter", tmp_path / "blip", *base[:-5], "--threshold", "0.7"], capsys)
     assert "its filter step ran with other settings (threshold)" in one_error_line(code, err)
+    (out / "capfilt.json").write_text("[1, 2]")
+    code, _, err = cli(["capfilt", "write", "--human", human, *base[:-5]], capsys)
+    assert "capfilt.json: damaged" in one_error_line(code, err)
 
 
 def test_cli_bad_input_is_one_line_before_any_model_or_output(tmp_path, capsys, tiny_clip_dir):

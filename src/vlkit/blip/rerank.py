@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 DEFAULT_RERANK_K = 128
 RERANK_CHOICES = ("none", "itm")
 
-# (query row, candidate columns [k]) -> ITM match logits [k] of those pairs
 # itm(queries, candidates): ITM match logits of the pairs (queries[i], candidates[i]), two equal-length index tensors
 ItmFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -61,9 +61,12 @@ def _read_state(out: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
-        raise VlkitError(f"{path}: damaged; it must be the JSON a `vlkit capfilt` step wrote (delete the folder to start over)") from None
+        state = None
+    if not isinstance(state, dict):
+        raise VlkitError(f"{path}: damaged; it must be the JSON a `vlkit capfilt` step wrote (delete the folder to start over)")
+    return state
 
 
 def _merge(state: dict[str, Any], out: Path, section: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -80,12 +83,6 @@ def _save_state(out: Path, state: dict[str, Any]) -> None:
     from vlkit import io
 
     io.write_json(out / STATE, state)
-
-
-def _bar(progress: bool, todo, what: str):
-    from vlkit.blip.captioning import progress_bar
-
-    return progress_bar(progress, len(todo), what)
 
 
 # ---------------------------------------------------------------- the steps' option sets
@@ -117,16 +114,18 @@ def _caption_settings(beam: Optional[int], top_p: Optional[float], num_captions:
 
 def _do_caption(out, todo, state, captioner: str, settings, batch_size: int, device: str, progress: bool) -> None:
     from vlkit.blip import capfilt
+    from vlkit.blip.captioning import progress_bar
     from vlkit.commands.blip import _load
 
     loaded = _load(captioner, device, "decoder")
     _save_state(out, state)  # after the model loaded: a refused model leaves nothing behind
-    with _bar(progress, todo, "captioning shards") as advance:
+    with progress_bar(progress, len(todo), "captioning shards") as advance:
         capfilt.caption_pass(loaded, todo, settings, batch_size=batch_size, on_shard=lambda s, done: advance(1))
 
 
 def _do_filter(out, todo, state, filt: str, threshold: float, batch_size: int, device: str, progress: bool) -> None:
     from vlkit.blip import capfilt
+    from vlkit.blip.captioning import progress_bar
     from vlkit.commands.blip import _load
 
     missing = [s for s in todo if not s.captions_path.exists()]
@@ -134,7 +133,7 @@ def _do_filter(out, todo, state, filt: str, threshold: float, batch_size: int, d
         raise VlkitError(f"--out {out}: {len(missing)} of {len(todo)} shards have no captions yet; run `vlkit capfilt caption` first")
     loaded = _load(filt, device, "encoder")
     _save_state(out, state)
-    with _bar(progress, todo, "filtering shards") as advance:
+    with progress_bar(progress, len(todo), "filtering shards") as advance:
         capfilt.filter_pass(loaded, todo, threshold, batch_size=batch_size, on_shard=lambda s, done: advance(1))
 
 
