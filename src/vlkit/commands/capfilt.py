@@ -157,18 +157,28 @@ TEXT_COLUMN = typer.Option(None, "--text-column", help="Tables' text column (def
 SHARD_SIZE = typer.Option(1024, "--shard-size", help="Web pairs per shard (each pass writes one file per shard).")
 DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps.")
 PROGRESS = typer.Option(True, "--progress/--no-progress")
+CAPTIONER = typer.Option(..., "--captioner", help="BLIP model with a text decoder (a folder, .pth or embedded name).")
+FILTER = typer.Option(..., "--filter", help="BLIP model with a text encoder and ITM head.")
+HUMAN = typer.Option(..., "--human", help="The human-annotated pairs: CSV/JSONL with an image and a text column.")
+BEAM = typer.Option(None, "--beam", help="Beam search with N beams instead of BLIP's nucleus sampling.")
+TOP_P = typer.Option(None, "--top-p", help="Nucleus mass (default 0.9).")
+NUM_CAPTIONS = typer.Option(1, "--num-captions", help="Synthetic captions per web image.")
+MAX_LENGTH = typer.Option(20, "--max-length", help="Most tokens per caption (BLIP: 20).")
+MIN_LENGTH = typer.Option(5, "--min-length", help="Fewest tokens (BLIP: 5).")
+SEED = typer.Option(0, "--seed", help="Seeds the sampling (each shard from it and its index).")
+THRESHOLD = typer.Option(0.5, "--threshold", help="Keep a text when its ITM match probability is above this (BLIP: 0.5).")
 
 
 def caption(
     web: Path = WEB,
-    captioner: str = typer.Option(..., "--captioner", help="BLIP model with a text decoder (a folder, .pth or embedded name)."),
+    captioner: str = CAPTIONER,
     out: Path = OUT,
-    beam: Optional[int] = typer.Option(None, "--beam", help="Beam search with N beams instead of BLIP's nucleus sampling."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus mass (default 0.9)."),
-    num_captions: int = typer.Option(1, "--num-captions", help="Synthetic captions per web image."),
-    max_length: int = typer.Option(20, "--max-length", help="Most tokens per caption (BLIP: 20)."),
-    min_length: int = typer.Option(5, "--min-length", help="Fewest tokens (BLIP: 5)."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the sampling (each shard from it and its index)."),
+    beam: Optional[int] = BEAM,
+    top_p: Optional[float] = TOP_P,
+    num_captions: int = NUM_CAPTIONS,
+    max_length: int = MAX_LENGTH,
+    min_length: int = MIN_LENGTH,
+    seed: int = SEED,
     batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
     shard_size: int = SHARD_SIZE,
     image_column: Optional[str] = IMAGE_COLUMN,
@@ -191,9 +201,9 @@ def caption(
 
 def filter_(
     web: Path = WEB,
-    filt: str = typer.Option(..., "--filter", help="BLIP model with a text encoder and ITM head."),
+    filt: str = FILTER,
     out: Path = OUT,
-    threshold: float = typer.Option(0.5, "--threshold", help="Keep a text when its ITM match probability is above this (BLIP: 0.5)."),
+    threshold: float = THRESHOLD,
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     shard_size: int = SHARD_SIZE,
     image_column: Optional[str] = IMAGE_COLUMN,
@@ -216,7 +226,7 @@ def filter_(
 
 
 def write(
-    human: Path = typer.Option(..., "--human", help="The human-annotated pairs: CSV/JSONL with an image and a text column."),
+    human: Path = HUMAN,
     web: Path = WEB,
     out: Path = OUT,
     shard_size: int = SHARD_SIZE,
@@ -233,18 +243,18 @@ def write(
 
 
 def run(
-    human: Path = typer.Option(..., "--human", help="The human-annotated pairs: CSV/JSONL with an image and a text column."),
+    human: Path = HUMAN,
     web: Path = WEB,
-    captioner: str = typer.Option(..., "--captioner", help="BLIP model with a text decoder."),
-    filt: str = typer.Option(..., "--filter", help="BLIP model with a text encoder and ITM head."),
+    captioner: str = CAPTIONER,
+    filt: str = FILTER,
     out: Path = OUT,
-    beam: Optional[int] = typer.Option(None, "--beam", help="Beam search with N beams instead of BLIP's nucleus sampling."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus mass (default 0.9)."),
-    num_captions: int = typer.Option(1, "--num-captions", help="Synthetic captions per web image."),
-    max_length: int = typer.Option(20, "--max-length", help="Most tokens per caption (BLIP: 20)."),
-    min_length: int = typer.Option(5, "--min-length", help="Fewest tokens (BLIP: 5)."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the sampling (each shard from it and its index)."),
-    threshold: float = typer.Option(0.5, "--threshold", help="Keep a text when its ITM match probability is above this (BLIP: 0.5)."),
+    beam: Optional[int] = BEAM,
+    top_p: Optional[float] = TOP_P,
+    num_captions: int = NUM_CAPTIONS,
+    max_length: int = MAX_LENGTH,
+    min_length: int = MIN_LENGTH,
+    seed: int = SEED,
+    threshold: float = THRESHOLD,
     batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
     shard_size: int = SHARD_SIZE,
     image_column: Optional[str] = IMAGE_COLUMN,
