@@ -151,7 +151,9 @@ def test_a_few_shot_result_is_bitwise_the_same_across_path_spellings_and_cache_s
                            on_fit=lambda key, fitted: learned.append(fitted.logits(probe).tolist()))
         return [{k: v for k, v in r.items() if k != "seconds"} for r in recs] + learned
 
+    shipped = sorted((SAMPLE_DIR / "splits").rglob("*"))
     first = run("cold", "sample", cache=True)  # fills the shared cache
     assert len(first) == 4 and first[0]["info"]["C"] > 0
     assert run("warm", dotted, cache=True) == first
     assert run("off", tmp_path / "link", cache=False) == first
+    assert sorted((SAMPLE_DIR / "splits").rglob("*")) == shipped  # no spelling of the sample writes into the package

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vlkit import io
-from vlkit.data.recipes import SAMPLE_DIR
+from vlkit.data.recipes import is_bundled_sample
 from vlkit.data.tasks import Task
 from vlkit.errors import VlkitError
 
@@ -63,7 +63,7 @@ def load_fewshot(task: Task, k: int, seed: int, write: bool | None = None) -> Ta
     so later methods read exactly the same shots.
     """
     if write is None:
-        write = task.data_dir != SAMPLE_DIR
+        write = not is_bundled_sample(task.data_dir)
     path = fewshot_path(task, k, seed)
     data = None
     if path.exists():

@@ -34,6 +34,13 @@ from vlkit.errors import VlkitError
 
 ENV_VAR = "VLKIT_DATA"
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "assets" / "sample"
+
+
+def is_bundled_sample(data_dir: str | os.PathLike) -> bool:
+    """Is this folder the sample inside the package, however it is spelled (a symlink, `./`)? It is never written to."""
+    return Path(data_dir).resolve() == SAMPLE_DIR
+
+
 RECIPES = ("emoji", "openclipart")
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vlkit import io
-from vlkit.data.recipes import SAMPLE_DIR, built_dir, read_jsonl, resolve_data_dir
+from vlkit.data.recipes import built_dir, is_bundled_sample, read_jsonl, resolve_data_dir
 from vlkit.errors import VlkitError
 
 DEFINITIONS_DIR = Path(__file__).resolve().parent
@@ -222,7 +222,7 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, write: bool 
     """
     root = resolve_data_dir(data_dir)
     if write is None:
-        write = root != SAMPLE_DIR
+        write = not is_bundled_sample(root)
     def_path = definition_path(name, root)
     spec = _read_definition(def_path)
     for dataset in spec["datasets"]:
