@@ -302,6 +302,27 @@ def test_forward_lm_learns_the_separate_caption_and_itc_itm_keep_theirs():
     assert not torch.allclose(plain["lm"], separate["lm"], atol=1e-3)
 
 
+def test_a_subset_of_objectives_is_those_terms_of_the_full_step_and_trains_nothing_else():
+    """CapFilt's fine-tuning: the filter on itc + itm, the captioner on lm. Each subset's terms equal the full
+    step's; a term not chosen is 0 and its head gets no gradient; LM alone leaves the queue alone."""
+    x = batch(4)
+    full = BlipPretrainer(tiny_blip(), queue_size=8, lock_image=False).eval()
+    want = full(alpha=0.4, generator=torch.Generator().manual_seed(0), **x)
+    for objectives in (("itc", "itm"), ("lm",), ("itm",)):
+        pre = BlipPretrainer(tiny_blip(), queue_size=8, lock_image=False, objectives=objectives).eval()
+        queue = pre.image_queue.clone()
+        got = pre(alpha=0.4, generator=torch.Generator().manual_seed(0), **x)
+        for term in ("itc", "itm", "lm"):
+            assert torch.equal(got[term], want[term] if term in objectives else torch.zeros(())), (objectives, term)
+        assert torch.allclose(got["loss"], sum(want[t] for t in objectives), atol=ATOL)
+        got["loss"].backward()
+        itm_head = pre.blip.itm_head.weight.grad
+        assert (itm_head is not None) == ("itm" in objectives), objectives
+        assert torch.equal(pre.image_queue, queue) == (objectives == ("lm",)), objectives
+    with pytest.raises(ValueError, match="choose among"):
+        BlipPretrainer(tiny_blip(), queue_size=8, objectives=("itc", "mlm"))
+
+
 # ---------------------------------------------------------------- two gloo processes
 
 

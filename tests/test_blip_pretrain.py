@@ -82,6 +82,8 @@ def test_blip_config_errors_are_one_clear_line(tmp_path):
         "blip.text.pretrained must be": {**ok, "blip": {"text": {"pretrained": "bert-base-uncased"}}},
         "facebook": {**ok, "data": {"styles": ["facebook"]}},
         "blip.lm_captions must be 'same'": {**ok, "blip": {"lm_captions": "names"}},
+        r"blip.objectives \['itc', 'mlm'\]: a non-empty list": {**ok, "blip": {"objectives": ["itc", "mlm"]}},
+        r"blip.objectives \[\]: a non-empty list": {**ok, "blip": {"objectives": []}},
     }
     for message, cfg in cases.items():
         with pytest.raises(VlkitError, match=message):
@@ -177,7 +179,8 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: dict, run_dir: str) -> No
     pretrain(config_from_dict(cfg), run_dir=run_dir, progress=False, export=False)
 
 
-def test_two_gloo_processes_through_the_trainer_equal_one_process(tmp_path):
+@pytest.mark.parametrize("objectives", [None, ["lm"]], ids=["all", "lm-only"])
+def test_two_gloo_processes_through_the_trainer_equal_one_process(tmp_path, objectives):
     """2 steps of the full BLIP step (ITC + ITM + LM, momentum update, queue, AdamW) on 2 ranks end
     with the weights, momentum weights and queues of 1 rank on the union batch (<= 1e-5).
 
@@ -191,6 +194,8 @@ def test_two_gloo_processes_through_the_trainer_equal_one_process(tmp_path):
 
     meta = make_dataset(tmp_path / "data")
     cfg = tiny_config(meta, tmp_path / "runs", dropout=0.0, max_steps=2, eps=1e-3)
+    if objectives:  # a captioner's fine-tuning: heads without gradients under DDP
+        cfg["blip"]["objectives"] = objectives
     pretrain(config_from_dict(cfg), run_dir=tmp_path / "one", progress=False, export=False)
     mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path / "two")), nprocs=2, join=True)
     one, meta_one = read(tmp_path / "one" / "checkpoints" / "last.safetensors")

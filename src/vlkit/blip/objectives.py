@@ -42,7 +42,7 @@ momentum copy: its tokens serve both the online and the momentum features.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,9 @@ from torch import nn
 from vlkit.pretrain.distributed import gather_no_grad, gather_with_grad
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
+
+
+OBJECTIVES = ("itc", "itm", "lm")  # BLIP pretrains on all three; CapFilt fine-tunes its filter on itc+itm, its captioner on lm
 
 
 def alpha_at(alpha: float, epoch: int, step: int, steps_per_epoch: int, ramp_epochs: float) -> float:
@@ -252,8 +255,12 @@ class BlipPretrainer(nn.Module):
     """
 
     def __init__(self, blip: nn.Module, queue_size: int, momentum: float = 0.995, lock_image: bool = False,
-                 label_smoothing: float = 0.1, seed: int = 0):
+                 label_smoothing: float = 0.1, seed: int = 0, objectives: Sequence[str] = OBJECTIVES):
         super().__init__()
+        unknown = sorted(set(objectives) - set(OBJECTIVES))
+        if unknown or not objectives:
+            raise ValueError(f"objectives {list(objectives)}: choose among {list(OBJECTIVES)}")
+        self.objectives = tuple(o for o in OBJECTIVES if o in objectives)
         self.blip = blip
         self.momentum = MomentumEncoders(blip, momentum, vision=not lock_image)
         self.lock_image = lock_image
@@ -298,15 +305,34 @@ class BlipPretrainer(nn.Module):
         The decoder learns `lm_input_ids` when given (another caption of the same rows),
         else `input_ids` as in BLIP.
 
-        Returns the losses (`loss` = itc + itm + lm, each this rank's share, whose mean over
-        ranks is the global value) and the drawn negatives of this rank's rows (`neg_text`,
-        `neg_image`: rows of the global batch).
+        Returns the losses (`loss` = the sum of the chosen objectives' terms, each this rank's
+        share, whose mean over ranks is the global value; a term not chosen is 0 and not
+        computed) and the drawn negatives of this rank's rows (`neg_text`, `neg_image`: rows of
+        the global batch; None without ITM). ITM's hard negatives need ITC's similarities, so
+        ITM alone still runs the ITC features, momentum encoders and queue, without ITC's loss.
         """
         rank, world = _world()
         blip = self.blip
         self.clamp_temp_()
         if image_embeds is None:
             image_embeds = blip.image_embeds(pixel_values)
+        zero = image_embeds.new_zeros((), dtype=torch.float32)
+        out: dict[str, Any] = {"itc": zero, "itm": zero, "lm": zero, "neg_text": None, "neg_image": None}
+        if "itc" in self.objectives or "itm" in self.objectives:
+            out.update(self._contrastive(input_ids, attention_mask, image_ids, caption_ids, alpha, generator, image_embeds,
+                                         pixel_values, rank, world))
+        if "lm" in self.objectives:
+            if lm_input_ids is None:
+                lm_input_ids, lm_attention_mask = input_ids, attention_mask
+            out["lm"] = lm_loss(blip, image_embeds, lm_input_ids, lm_attention_mask,
+                                lm_targets(gather_no_grad(lm_attention_mask)), world, self.label_smoothing)
+        out["loss"] = sum((out[o] for o in self.objectives), zero)
+        return out
+
+    def _contrastive(self, input_ids, attention_mask, image_ids, caption_ids, alpha: float, generator: torch.Generator,
+                     image_embeds, pixel_values, rank: int, world: int) -> dict[str, Any]:
+        """ITC on momentum features and queues (its loss kept when chosen), then ITM on hard negatives (when chosen)."""
+        blip = self.blip
         image_feat = blip.image_feat(image_embeds)
         text_feat = blip.text_feat(input_ids, attention_mask)
         temp = blip.temp
@@ -320,8 +346,12 @@ class BlipPretrainer(nn.Module):
             image_keys = torch.cat([image_m_world.t(), self.image_queue.clone()], dim=1)
             text_keys = torch.cat([text_m_world.t(), self.text_queue.clone()], dim=1)
         b = input_ids.shape[0]
-        loss_itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_keys, text_keys, temp, alpha, rank * b)
+        out: dict[str, Any] = {}
+        if "itc" in self.objectives:
+            out["itc"] = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_keys, text_keys, temp, alpha, rank * b)
         self.enqueue(image_m_world, text_m_world)
+        if "itm" not in self.objectives:
+            return out
 
         with torch.no_grad():
             neg = sample_hard_negatives(
@@ -332,17 +362,8 @@ class BlipPretrainer(nn.Module):
             neg = {k: v[mine] for k, v in neg.items()}
             ids_world, mask_world = gather_no_grad(input_ids), gather_no_grad(attention_mask)
         embeds_world = gather_with_grad(image_embeds) if image_embeds.requires_grad else gather_no_grad(image_embeds)
-        loss_itm, _ = itm_loss(
+        out["itm"], _ = itm_loss(
             blip, image_embeds, input_ids, attention_mask, embeds_world, ids_world, mask_world,
             neg["neg_text"], neg["neg_image"], neg["valid_text"], neg["valid_image"],
         )
-        if lm_input_ids is None:
-            lm_input_ids, lm_attention_mask, lm_mask_world = input_ids, attention_mask, mask_world
-        else:
-            lm_mask_world = gather_no_grad(lm_attention_mask)
-        loss_lm = lm_loss(blip, image_embeds, lm_input_ids, lm_attention_mask, lm_targets(lm_mask_world), world,
-                          self.label_smoothing)
-        return {
-            "loss": loss_itc + loss_itm + loss_lm, "itc": loss_itc, "itm": loss_itm, "lm": loss_lm,
-            "neg_text": neg["neg_text"], "neg_image": neg["neg_image"],
-        }
+        return {**out, "neg_text": neg["neg_text"], "neg_image": neg["neg_image"]}

