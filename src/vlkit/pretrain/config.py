@@ -143,11 +143,14 @@ class BlipSection:
     ITM see; "describing": a caption drawn separately from the row's describing ones
     (pretrain/data.py), for data whose captions are mostly templates a captioner
     should not repeat. `objectives`: the loss terms trained (BLIP pretrains on all three;
-    CapFilt fine-tunes its filter on itc + itm and its captioner on lm).
+    CapFilt fine-tunes its filter on itc + itm and its captioner on lm). `init_from`: a
+    trained full BLIP (vlkit-blip or Hugging Face folders, .pth, embedded name) to start
+    from, with its weights, tokenizer and image preprocessing, instead of new towers.
     """
 
     vision: BlipVisionSection = field(default_factory=BlipVisionSection)
     text: BlipTextSection = field(default_factory=BlipTextSection)
+    init_from: Optional[str] = None
     queue_size: Optional[int] = None
     momentum: float = 0.995
     alpha: float = 0.4
@@ -291,6 +294,9 @@ def _validate_blip(cfg: PretrainConfig, where: str) -> None:
         raise VlkitError(f"{where}: blip.label_smoothing must be in [0, 1) (BLIP: 0.1)")
     if b.image_cache_dtype not in ("bf16", "fp32"):
         raise VlkitError(f"{where}: blip.image_cache_dtype must be 'bf16' or 'fp32'")
+    if b.init_from is not None and (b.vision.pretrained or b.vision.config or b.text.pretrained or b.text.config):
+        raise VlkitError(f"{where}: blip.init_from starts from a trained BLIP; drop blip.vision / blip.text's pretrained "
+                         "and config, which describe new towers")
     if not b.objectives or not set(b.objectives) <= {"itc", "itm", "lm"} or len(set(b.objectives)) != len(b.objectives):
         raise VlkitError(f"{where}: blip.objectives {b.objectives}: a non-empty list of distinct 'itc', 'itm', 'lm'")
     if b.lm_captions not in ("same", "describing"):
