@@ -55,6 +55,42 @@ def check_blip_model(spec: str, need: str, flag: str = "--model") -> None:
         raise VlkitError(f"{flag} {spec}: this BLIP {kind} checkpoint has no {what}; give a {cls} checkpoint or a full BLIP model")
 
 
+def decoding_settings(
+    nucleus: bool, beam: int | None, top_p: float | None, num_captions: int, max_length: int, min_length: int, seed: int,
+    *, prompt: str = "", repetition_penalty: float | None = None, precision: str = "fp32",
+    to_nucleus: str, to_more_beams: str,
+):
+    """The `CaptionSettings` of a captioning command's options, each checked in one line; `to_nucleus` and
+    `to_more_beams` say how that command switches to sampling or to more beams."""
+    from vlkit.blip.generate import BEAM, settings_for
+    from vlkit.commands import validate
+
+    if top_p is not None and not nucleus:
+        raise VlkitError(f"--top-p {top_p}: applies to nucleus sampling only; {to_nucleus}")
+    validate.at_least("--beam", beam)
+    validate.at_least("--max-length", max_length, 2)
+    validate.at_least("--min-length", min_length, 0)
+    validate.at_least("--num-captions", num_captions)
+    beams = beam or BEAM.num_beams
+    if not nucleus and num_captions > beams:
+        raise VlkitError(f"--num-captions {num_captions}: beam search returns at most --beam {beams} captions per image; {to_more_beams}")
+    if min_length > max_length:
+        raise VlkitError(f"--min-length {min_length}: is above --max-length {max_length}")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise VlkitError(f"--top-p {top_p}: must be in (0, 1]")
+    validate.positive("--repetition-penalty", repetition_penalty)
+    validate.choice("--precision", precision, ("fp32", "bf16"))
+    overrides: dict = {"max_length": max_length, "min_length": min_length, "seed": seed, "num_return_sequences": num_captions,
+                       "precision": precision}
+    if beam is not None:
+        overrides["num_beams"] = beam
+    if top_p is not None:
+        overrides["top_p"] = top_p
+    if repetition_penalty is not None:
+        overrides["repetition_penalty"] = repetition_penalty
+    return settings_for("nucleus" if nucleus else "beam", prompt, **overrides)
+
+
 def _load(spec: str, device: str, need: str):
     """Load a BLIP model that has the part `need` ("decoder" to caption, "encoder" to match)."""
     from vlkit.blip.checkpoint import load_blip
@@ -88,36 +124,15 @@ def caption(
     """Caption images with BLIP: writes captions.jsonl, config.json and metrics.json (skipped files listed) to a run folder."""
     from vlkit import runs
     from vlkit.blip.captioning import caption_files, resolve_images, settings_record, write_captions
-    from vlkit.blip.generate import settings_for
     from vlkit.commands import validate
 
     # every argument first: a typo costs a second, not a model load
     if sample and beam is not None:
         raise VlkitError("--beam and --sample: pick one decoding method (beam search or nucleus sampling)")
-    if top_p is not None and not sample:
-        raise VlkitError(f"--top-p {top_p}: applies to nucleus sampling only; add --sample")
-    validate.at_least("--beam", beam)
     validate.at_least("--batch-size", batch_size)
-    validate.at_least("--max-length", max_length, 2)
-    validate.at_least("--min-length", min_length, 0)
-    validate.at_least("--num-captions", num_captions)
-    if not sample and num_captions > (beam or 3):
-        raise VlkitError(f"--num-captions {num_captions}: beam search returns at most --beam {beam or 3} captions per image; raise --beam or use --sample")
-    if min_length > max_length:
-        raise VlkitError(f"--min-length {min_length}: is above --max-length {max_length}")
-    if top_p is not None and not (0 < top_p <= 1):
-        raise VlkitError(f"--top-p {top_p}: must be in (0, 1]")
-    validate.positive("--repetition-penalty", repetition_penalty)
-    validate.choice("--precision", precision, ("fp32", "bf16"))
-    overrides = {"max_length": max_length, "min_length": min_length, "seed": seed, "num_return_sequences": num_captions,
-                 "precision": precision}
-    if beam is not None:
-        overrides["num_beams"] = beam
-    if top_p is not None:
-        overrides["top_p"] = top_p
-    if repetition_penalty is not None:
-        overrides["repetition_penalty"] = repetition_penalty
-    settings = settings_for("nucleus" if sample else "beam", prompt, **overrides)
+    settings = decoding_settings(sample, beam, top_p, num_captions, max_length, min_length, seed, prompt=prompt,
+                                 repetition_penalty=repetition_penalty, precision=precision,
+                                 to_nucleus="add --sample", to_more_beams="raise --beam or use --sample")
     device = validate.device("--device", device)
     validate.out_folder("--out", out)
     paths = resolve_images(images, image_column)

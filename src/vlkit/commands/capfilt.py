@@ -89,27 +89,11 @@ def _save_state(out: Path, state: dict[str, Any]) -> None:
 
 
 def _caption_settings(beam: Optional[int], top_p: Optional[float], num_captions: int, max_length: int, min_length: int, seed: int):
-    from vlkit.blip.generate import settings_for
-    from vlkit.commands import validate
+    """BLIP's nucleus sampling unless --beam is given."""
+    from vlkit.commands.blip import decoding_settings
 
-    validate.at_least("--beam", beam)
-    validate.at_least("--num-captions", num_captions)
-    validate.at_least("--max-length", max_length, 2)
-    validate.at_least("--min-length", min_length, 0)
-    if beam is not None and top_p is not None:
-        raise VlkitError(f"--top-p {top_p}: applies to nucleus sampling only; drop --beam")
-    if beam is not None and num_captions > beam:
-        raise VlkitError(f"--num-captions {num_captions}: beam search returns at most --beam {beam} captions per image")
-    if min_length > max_length:
-        raise VlkitError(f"--min-length {min_length}: is above --max-length {max_length}")
-    if top_p is not None and not (0 < top_p <= 1):
-        raise VlkitError(f"--top-p {top_p}: must be in (0, 1]")
-    overrides: dict[str, Any] = {"max_length": max_length, "min_length": min_length, "seed": seed, "num_return_sequences": num_captions}
-    if beam is not None:
-        overrides["num_beams"] = beam
-    if top_p is not None:
-        overrides["top_p"] = top_p
-    return settings_for("beam" if beam is not None else "nucleus", **overrides)
+    return decoding_settings(beam is None, beam, top_p, num_captions, max_length, min_length, seed,
+                             to_nucleus="drop --beam", to_more_beams="raise --beam or drop it")
 
 
 def _do_caption(out, todo, state, captioner: str, settings, batch_size: int, device: str, progress: bool) -> None:
