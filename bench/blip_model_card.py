@@ -100,6 +100,8 @@ def main() -> None:
         "",
         "## Results on held-out images (`bench/blip_ship_eval.py`)",
         "",
+        f"Measured on the shipped folder, fingerprint {ev['fingerprint']}.",
+        "",
         "Captions (beam 3, max 20, min 5) against each image's describing caption; the baseline returns the describing caption of",
         "the nearest training image by ITC.",
         "",
