@@ -61,21 +61,27 @@ def extract_image_features(
     num_workers: int | None = None,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    precision: str = "fp32",
 ) -> FeatureResult:
     """Normalised image features of `paths` under `model`, skipping unreadable files.
 
     cache: True uses the default `FeatureCache()` ($VLKIT_CACHE/features or
     ~/.cache/vlkit/features), a `FeatureCache` uses that one, False/None reads
     and writes nothing. num_workers: decoding threads (None = `default_num_workers`;
-    0 = decode in the calling thread).
+    0 = decode in the calling thread). precision: "fp32", "bf16" or "int8"
+    (`vlkit.precision`); features are float32 in every mode, and cached under a
+    key that includes the precision (fp32's key is the one it always had).
     """
+    from vlkit import precision as precisions
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    precisions.check(precision, "precision")
     t_start = time.perf_counter()
     names = [os.fspath(p) for p in paths]
     n = len(names)
     store = FeatureCache() if cache is True else (cache if isinstance(cache, FeatureCache) else None)
-    shard = store.shard(model.fingerprint(), model.preprocess.describe()) if store is not None else None
+    shard = store.shard(model.fingerprint(), model.preprocess.describe(), precisions.describe(precision, "image")) if store is not None else None
 
     out: torch.Tensor | None = None
     ok = torch.zeros(n, dtype=torch.bool)
@@ -126,7 +132,7 @@ def extract_image_features(
 
             def flush() -> None:
                 nonlocal encoded, last_save
-                feats = encode_pixels(model, batch_x, dtype)
+                feats = encode_pixels(model, batch_x, dtype, precision=precision)
                 place(batch_idx, feats)
                 if shard is not None:
                     valid = [k for k, i in enumerate(batch_idx) if ids[i] is not None]
@@ -185,14 +191,22 @@ def default_num_workers(device: torch.device) -> int:
     return max(1, min(8, cpus))
 
 
-def encode_pixels(model: "VLModel", pixels: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+def encode_pixels(
+    model: "VLModel", pixels: Sequence[torch.Tensor], dtype: torch.dtype | None = None, *, precision: str = "fp32"
+) -> torch.Tensor:
     """Normalised float32 CPU features of preprocessed images: the one encoder step shared
-    by batch extraction and single queries (`vlkit search --image`, the server)."""
+    by batch extraction and single queries (`vlkit search --image`, the server).
+
+    `precision` (`vlkit.precision`): bf16 runs the forward under bfloat16 autocast,
+    int8 on the model's cached int8 copy; `model` itself is never changed."""
+    from vlkit import precision as precisions
+
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    with torch.inference_mode():
+    runner = precisions.prepare(model, precision)
+    with torch.inference_mode(), precisions.autocast(precision, model.device):
         x = torch.stack(list(pixels)).to(device=model.device, dtype=dtype, non_blocking=True)
-        feats = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1).cpu()
+        feats = torch.nn.functional.normalize(runner.encode_image(x).float(), dim=-1).cpu()
     return feats.clone()  # a normal tensor: usable for training outside inference mode
 
 

@@ -1,14 +1,16 @@
 """On-disk cache of image features, so a second pass over the same images is
 a file read instead of a decode + forward pass.
 
-Layout: one shard file per (model fingerprint, preprocessing) pair,
+Layout: one shard file per (model fingerprint, preprocessing[, precision]) key,
 `<root>/<key>.safetensors`, holding every cached image of that pair: a float32
 `features` tensor [N, D] and the row index (absolute path, size, mtime_ns and,
 with `hash_content=True`, a SHA-256 of the bytes) as JSON in a uint8 tensor.
 One file per pair, not per image, keeps thousands of entries cheap to open
 and to look up (one dict lookup per `os.stat`).
 
-Staleness: the shard key covers the model and the preprocessing; each entry
+Staleness: the shard key covers the model, the preprocessing and, for features
+made in bf16 or int8, the precision (`vlkit.precision.describe`; fp32 adds nothing,
+so fp32 shards keep the keys they had before precision modes); each entry
 covers the file's identity. A changed model, preprocessing or file is a miss,
 and the new features replace the old row. Shards are written with an atomic
 rename (`vlkit.io`) under an advisory lock, merging entries that another process
@@ -65,13 +67,15 @@ def file_id(path: str | os.PathLike, hash_content: bool = False) -> FileId:
     return FileId(p, st.st_size, st.st_mtime_ns, digest)
 
 
-def shard_key(model_fingerprint: str, preprocess: dict, hash_content: bool) -> str:
-    """Stable key of a (model, preprocessing, identity rule) triple."""
-    blob = json.dumps(
-        {"format": FORMAT, "model": model_fingerprint, "preprocess": preprocess, "hash_content": hash_content},
-        sort_keys=True,
-        default=str,
-    )
+def shard_key(model_fingerprint: str, preprocess: dict, hash_content: bool, precision: dict | None = None) -> str:
+    """Stable key of a (model, preprocessing, identity rule[, precision]) tuple.
+
+    `precision` None (fp32) leaves the key exactly as it was before precision modes.
+    """
+    fields = {"format": FORMAT, "model": model_fingerprint, "preprocess": preprocess, "hash_content": hash_content}
+    if precision is not None:
+        fields["precision"] = precision
+    blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
@@ -86,9 +90,10 @@ class FeatureCache:
         self.root = Path(root).expanduser() if root is not None else default_cache_root()
         self.hash_content = hash_content
 
-    def shard(self, model_fingerprint: str, preprocess: dict) -> "FeatureShard":
-        key = shard_key(model_fingerprint, preprocess, self.hash_content)
-        return FeatureShard(self.root / f"{key}.safetensors", model_fingerprint, preprocess, self.hash_content)
+    def shard(self, model_fingerprint: str, preprocess: dict, precision: dict | None = None) -> "FeatureShard":
+        """The shard of features made by this model and preprocessing, in `precision` (None = fp32)."""
+        key = shard_key(model_fingerprint, preprocess, self.hash_content, precision)
+        return FeatureShard(self.root / f"{key}.safetensors", model_fingerprint, preprocess, self.hash_content, precision)
 
     def file_id(self, path: str | os.PathLike) -> FileId:
         return file_id(path, self.hash_content)
@@ -98,13 +103,16 @@ class FeatureCache:
 
 
 class FeatureShard:
-    """The cached features of one (model, preprocessing) pair; load lazily, save explicitly."""
+    """The cached features of one (model, preprocessing, precision) key; load lazily, save explicitly."""
 
-    def __init__(self, path: Path, model_fingerprint: str, preprocess: dict, hash_content: bool) -> None:
+    def __init__(self, path: Path, model_fingerprint: str, preprocess: dict, hash_content: bool, precision: dict | None = None) -> None:
         self.path = path
         self.model_fingerprint = model_fingerprint
         self.preprocess = preprocess
         self.hash_content = hash_content
+        self.precision = precision
+        # as stored in the file's metadata; absent for fp32 shards, old and new
+        self._precision_meta = json.dumps(precision, sort_keys=True, default=str) if precision is not None else None
         self._rows: dict[str, tuple[tuple, int]] = {}  # path -> (identity, row in _features)
         self._features: torch.Tensor | None = None
         self._new: dict[str, tuple[tuple, torch.Tensor]] = {}  # written since the last save
@@ -135,6 +143,8 @@ class FeatureShard:
                 index = json.loads(bytes(f.get_tensor("index").numpy()).decode("utf-8"))
             if meta.get("format") != FORMAT or meta.get("model") != self.model_fingerprint:
                 raise ValueError("shard belongs to another model or format")
+            if meta.get("precision") != self._precision_meta:
+                raise ValueError("shard holds features of another precision")
             rows = {
                 p: ((size, tag), i)
                 for i, (p, size, tag) in enumerate(zip(index["path"], index["size"], index["tag"]))
@@ -239,6 +249,8 @@ class FeatureShard:
                 "preprocess": json.dumps(self.preprocess, sort_keys=True, default=str),
                 "hash_content": str(self.hash_content),
             }
+            if self._precision_meta is not None:
+                meta["precision"] = self._precision_meta
             io.save_safetensors(self.path, {"features": all_features, "index": blob}, metadata=meta)
             self._rows = {p: (ident, i) for i, (p, ident) in enumerate(zip(paths, idents))}
             self._features = all_features
