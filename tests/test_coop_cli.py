@@ -39,6 +39,7 @@ def test_train_then_predict_then_words(tmp_path, folder, tiny_clip_dir, capsys, 
     assert meta["classnames"] == ["cat", "dog"] and meta["options"]["n_ctx"] == 4
     config = json.loads((run / "config.json").read_text())
     assert config["settings"]["lr"] == 0.002 and config["settings"]["views"] == 2
+    assert config["text_path"] == "shared-prefix"  # a causal CLIP tower, unified context, class at the end
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and len(metrics["history"]) == 2
     assert (run / "nearest_words.txt").read_text().count("ctx ") == 4

@@ -124,6 +124,7 @@ def test_cli_writes_run_folder(tiny_clip_dir, image_folder, tmp_path):
     assert config["settings"]["templates"] == "ensemble" and config["settings"]["batch_size"] == 4
     assert len(config["prompt_templates"]) == 80 and config["classnames"] == CLASSES
     assert config["model_fingerprint"] and "torch" in config["versions"]
+    assert config["text_path"] == "shared-prefix"
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("top1", "top5", "mean_per_class_recall", "per_class_accuracy", "confusion_matrix", "skipped"):
         assert key in metrics

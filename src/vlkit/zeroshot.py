@@ -164,28 +164,77 @@ def ensemble(features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(features.mean(dim=1), dim=-1)
 
 
+def text_path(model: "VLModel") -> str:
+    """Which text path the classifier takes on `model`; runs record it in their config."""
+    return "shared-prefix" if model.shared_prefix_encoder() is not None else "full"
+
+
 def _encode_classifier(
     model: "VLModel", classnames: list[str], templates: list[str], batch_size: int, progress: bool = False
 ) -> torch.Tensor:
-    """Encode in chunks of whole classes (about `batch_size` prompts each) and reduce
-    each chunk at once, so memory holds [chunk, T, D], never [C, T, D]."""
+    """Encode in chunks of whole classes and reduce each chunk at once, so memory
+    holds [chunk, T, D], never [C, T, D].
+
+    A causal tower encodes each template's text before the class name once per
+    chunk and only the rest of every prompt (`_template_features`); a chunk is then
+    `batch_size` classes under one template at a time. Otherwise prompts mixing
+    classes and templates go through the tower `batch_size` at a time.
+    """
     import torch
 
     n_t = len(templates)
-    classes_per_chunk = max(1, batch_size // n_t)
+    encoder = model.shared_prefix_encoder()
+    classes_per_chunk = batch_size if encoder is not None else max(1, batch_size // n_t)
     starts = range(0, len(classnames), classes_per_chunk)
     out = []
     with torch.inference_mode(), _progress(progress and len(starts) > 1, len(classnames), len(templates)) as advance:
         for start in starts:
             chunk = classnames[start : start + classes_per_chunk]
-            prompts = format_prompts(chunk, templates)
-            feats = []
-            for i in range(0, len(prompts), batch_size):
-                batch = model.tokenize(prompts[i : i + batch_size]).to(model.device)
-                feats.append(model.encode_text(batch.input_ids, batch.attention_mask, normalize=True))
-            out.append(ensemble(torch.cat(feats).view(len(chunk), n_t, -1)))
+            if encoder is not None:
+                out.append(ensemble(torch.stack([_template_features(model, encoder, chunk, t) for t in templates], dim=1)))
+            else:
+                prompts = format_prompts(chunk, templates)
+                feats = []
+                for i in range(0, len(prompts), batch_size):
+                    batch = model.tokenize(prompts[i : i + batch_size]).to(model.device)
+                    feats.append(model.encode_text(batch.input_ids, batch.attention_mask, normalize=True))
+                out.append(ensemble(torch.cat(feats).view(len(chunk), n_t, -1)))
             advance(len(chunk))
     return torch.cat(out)
+
+
+def _template_features(model: "VLModel", encoder: Any, classnames: list[str], template: str) -> torch.Tensor:
+    """[C, D] features of one template's prompts, the text before "{}" encoded once.
+
+    Exact row by row: a prompt takes the shared path only if its first tokens are
+    the specials plus the tokens of that text alone (so the tower sees the same
+    prefix); any other (a BPE merge across the boundary, truncation) runs in full.
+    """
+    import torch
+
+    from vlkit.adapt.prompt_learner import special_tokens
+
+    batch = model.tokenize(format_prompts(classnames, [template])).to(model.device)
+    ids, mask = batch.input_ids, batch.attention_mask
+    head = template.split(PLACEHOLDER)[0]
+    shared = torch.zeros(len(classnames), dtype=torch.bool, device=ids.device)
+    if not head or head[-1].isspace():
+        prefix = torch.tensor(special_tokens(model).start + model.tokenizer.tokens(head.strip()), device=ids.device)
+        p = len(prefix)
+        if p < ids.shape[1]:
+            shared = (ids[:, :p] == prefix).all(dim=1) & mask[:, :p].bool().all(dim=1) & mask[:, p:].bool().any(dim=1)
+    rows, parts = [], []
+    if shared.any():
+        suffix_mask = mask[shared, p:]
+        length = int(suffix_mask.sum(dim=1).max())
+        suffix = model.token_embedding(ids[shared, p : p + length])
+        parts.append(encoder.encode(model.token_embedding(prefix[None]), suffix, suffix_mask[:, :length])[0])
+        rows.append(shared.nonzero().squeeze(1))
+    if not shared.all():
+        parts.append(model.encode_text(ids[~shared], mask[~shared], normalize=True))
+        rows.append((~shared).nonzero().squeeze(1))
+    feats = torch.cat(parts)
+    return torch.empty_like(feats).index_copy_(0, torch.cat(rows), feats)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,9 @@ which is what helps on classes not seen in training.
 Batched efficiently: the reference code runs the text tower once per image in a
 Python loop (batch size 1). Here a batch of B images becomes B x C prompt rows
 that `PromptLearner.text_features` encodes in chunks of `text_chunk` rows, with
-cached augmented image features, so a step runs the text tower only. A zero
+cached augmented image features, so a step runs the text tower only. In a causal
+tower with unified context each image's [SOS] + context prefix is encoded once
+and shared by its C class prompts (`PromptLearner.grouped_text_features`). A zero
 meta-network gives exactly CoOp's logits for the same context.
 
 Defaults are the paper's: 4 context tokens initialised from "a photo of a",
@@ -115,6 +117,9 @@ class CoCoOp(nn.Module):
         """[B, C, D] normalised text features of every class prompt for every image."""
         b, c = image_features.shape[0], self.learner.n_cls
         ctx = self.image_context(image_features)
+        if ctx.dim() == 3 and self.learner.prefix_encoder(model) is not None:
+            # Each image's context is one prefix shared by all its class prompts: encoded once per image.
+            return self.learner.grouped_text_features(model, ctx, chunk_size=text_chunk)
         if ctx.dim() == 3:
             rows = ctx[:, None].expand(b, c, *ctx.shape[1:])
         else:

@@ -67,6 +67,10 @@ class PromptOptions:
     truncate: cut sequences to the longest prompt (exact for towers that honour the
         attention mask, which the model protocol requires); False keeps the
         tokenizer's full context length.
+    shared_prefix: where it is exact (a causal tower, unified context, class token at
+        the end) run the common [SOS] + context prefix once per call and only each
+        class's remaining tokens against it (`vlkit.models.shared_prefix`); False
+        always runs every full prompt (what the reference code does).
     """
 
     n_ctx: int = 16
@@ -76,6 +80,7 @@ class PromptOptions:
     suffix: str = "."
     init_std: float = 0.02
     truncate: bool = True
+    shared_prefix: bool = True
 
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
@@ -148,6 +153,7 @@ class PromptLearner(nn.Module):
         self.options = options
         tok = model.tokenizer
         specials = special_tokens(model)
+        self.n_start = len(specials.start)
 
         if options.ctx_init is not None:
             init_ids = tok.tokens(options.ctx_init)
@@ -256,6 +262,10 @@ class PromptLearner(nn.Module):
     ) -> torch.Tensor:
         """Normalised text features [c, D] of the prompts, `chunk_size` classes at a time."""
         idx = self._classes(classes)
+        encoder = self.prefix_encoder(model)
+        if encoder is not None and (ctx is None or ctx.dim() == 2):
+            ctx = self.ctx if ctx is None else ctx
+            return self.grouped_text_features(model, ctx.unsqueeze(0), idx, chunk_size, encoder)[0]
         step = chunk_size or len(idx)
         out = []
         for start in range(0, len(idx), step):
@@ -263,6 +273,57 @@ class PromptLearner(nn.Module):
             part_ctx = ctx[start : start + step] if (ctx is not None and ctx.dim() == 3) else ctx
             embeds, mask = self.assemble(model, part_ctx, part)
             out.append(model.encode_text_embeddings(embeds, mask))
+        return torch.cat(out)
+
+    # -- the shared-prefix path -----------------------------------------------------------
+    def prefix_encoder(self, model: VLModel):
+        """The model's exact shared-prefix encoder when this layout allows it, else None."""
+        if not self.options.shared_prefix or self.options.position != "end" or self.options.csc:
+            return None
+        return model.shared_prefix_encoder()
+
+    def text_path(self, model: VLModel) -> str:
+        """Which text path runs for this learner on `model`; runs record it in their config."""
+        return "shared-prefix" if self.prefix_encoder(model) is not None else "full"
+
+    def grouped_text_features(
+        self,
+        model: VLModel,
+        ctx: torch.Tensor,
+        classes: torch.Tensor | Sequence[int] | None = None,
+        chunk_size: int | None = None,
+        encoder=None,
+    ) -> torch.Tensor:
+        """Normalised features [G, c, D] of every chosen class under each of G unified
+        contexts [G, M, W] (CoCoOp: one per image), each prefix encoded once.
+
+        `chunk_size` bounds the prompt rows (G x classes) per tower call. Exact only
+        where `prefix_encoder(model)` is not None, which this requires.
+        """
+        encoder = encoder or self.prefix_encoder(model)
+        if encoder is None:
+            raise ValueError("grouped_text_features needs the shared-prefix path (causal tower, unified context, class at the end)")
+        idx = self._classes(classes)
+        start = self.token_ids[:1, : self.n_start]
+        with torch.no_grad():
+            start_embeds = model.token_embedding(start)  # [1, n_start, W]
+            suffix_ids = self.token_ids[idx, self.n_start + self.n_ctx :]
+            suffix_mask = self.attention_mask[idx, self.n_start + self.n_ctx :]
+            length = int(suffix_mask.sum(dim=1).max())
+            suffix_ids, suffix_mask = suffix_ids[:, :length], suffix_mask[:, :length]
+            suffix = model.token_embedding(suffix_ids)
+        ctx = ctx.to(start_embeds.dtype)
+        prefix = torch.cat([start_embeds.expand(ctx.shape[0], -1, -1), ctx], dim=1)  # [G, P, W]
+        rows = chunk_size or len(prefix) * len(idx)
+        groups = max(1, rows // len(idx))
+        classes_per_call = min(len(idx), rows)
+        out = []
+        for g0 in range(0, len(prefix), groups):
+            row = [
+                encoder.encode(prefix[g0 : g0 + groups], suffix[c0 : c0 + classes_per_call], suffix_mask[c0 : c0 + classes_per_call])
+                for c0 in range(0, len(idx), classes_per_call)
+            ]
+            out.append(torch.cat(row, dim=1))
         return torch.cat(out)
 
     def forward(self, model: VLModel, classes: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:

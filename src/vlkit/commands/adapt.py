@@ -120,7 +120,8 @@ def train(
     run_dir = runs.new_run_dir(out, "coop")
     settings = {"model": model, "task": task, "data": data, "data_dir": data_dir, "shots": shots, "views": views,
                 "flip": not no_flip, "device": device, **config.to_dict()}
-    runs.write_config(run_dir, settings, command="coop train", model_fingerprint=vl.fingerprint(), classnames=classnames)
+    runs.write_config(run_dir, settings, command="coop train", model_fingerprint=vl.fingerprint(), classnames=classnames,
+                      text_path=result["result"].learner.text_path(vl))
     save_run(run_dir, vl, result, top_words)
 
 

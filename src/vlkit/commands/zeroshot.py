@@ -93,6 +93,7 @@ def zeroshot(
         model_fingerprint=result.model_fingerprint,
         classnames=result.classnames,
         prompt_templates=result.templates,
+        text_path=zs.text_path(vl),
         **extra,
     )
     metrics = result.save(run_dir)

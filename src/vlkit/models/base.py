@@ -13,17 +13,22 @@ Conventions every adapter keeps:
 - `token_embedding(ids)` is the word-embedding lookup only (no positions): prompt
   learning replaces some of its rows and hands the result to
   `encode_text_embeddings`, which adds positions and runs the tower.
+- `shared_prefix_encoder()` is the exact shortcut for prompts that share a prefix
+  in a causal tower (`vlkit.models.shared_prefix`); None where it does not apply.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
+
+if TYPE_CHECKING:
+    from vlkit.models.shared_prefix import SharedPrefixEncoder
 
 TextPooling = Literal["eot", "cls", "mean", "pooler"]
 
@@ -100,6 +105,11 @@ class VLModel(nn.Module, ABC):
     ) -> torch.Tensor:
         """[B, L, width] word embeddings -> [B, embed_dim] features; equals `encode_text`
         when `inputs_embeds == token_embedding(input_ids)`."""
+
+    def shared_prefix_encoder(self) -> "SharedPrefixEncoder | None":
+        """The exact shared-prefix path of a causal text tower, or None (the default:
+        BERT-style towers, and any tower an adapter does not describe)."""
+        return None
 
     @abstractmethod
     def fingerprint(self) -> str:

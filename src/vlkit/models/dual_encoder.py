@@ -98,6 +98,13 @@ class DualEncoderModel(VLModel):
         features = self.text_projection(pooled)
         return F.normalize(features, dim=-1) if normalize else features
 
+    def shared_prefix_encoder(self):
+        if self.text_pooling != "eot":
+            return None
+        from vlkit.models.shared_prefix import hf_clip_text_encoder
+
+        return hf_clip_text_encoder(self.text_model, self.text_projection)
+
     def fingerprint(self) -> str:
         return fingerprint(
             self,

@@ -267,12 +267,26 @@ class OpenClipModel(VLModel):
     ) -> torch.Tensor:
         owner, name = self._embedding_owner()
         table = getattr(owner, name)
+        short = self.tokenizer.context_length - inputs_embeds.shape[1]
+        if short > 0 and not self._hf_text:
+            # open_clip's CLIP adds its whole position table (and causal mask), so a
+            # truncated prompt is padded back to the context length; in a causal tower
+            # the padding after EOT cannot change the pooled EOT state.
+            inputs_embeds = F.pad(inputs_embeds, (0, 0, 0, short))
+            attention_mask = F.pad(attention_mask, (0, short))
         setattr(owner, name, _GivenEmbeddings(inputs_embeds))
         try:
             features = self.model.encode_text(self._stand_in_ids(attention_mask))
         finally:
             setattr(owner, name, table)
         return F.normalize(features, dim=-1) if normalize else features
+
+    def shared_prefix_encoder(self):
+        if self._hf_text:
+            return None
+        from vlkit.models.shared_prefix import open_clip_text_encoder
+
+        return open_clip_text_encoder(self.model)
 
     def fingerprint(self) -> str:
         return fingerprint(

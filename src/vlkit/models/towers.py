@@ -36,12 +36,8 @@ def clip_text_pooled_from_embeddings(
         raise ValueError(f"sequence length {seq_length} exceeds the tower's {max_positions} positions")
     position_ids = embeddings.position_ids[:, :seq_length]
     hidden_states = inputs_embeds + embeddings.position_embedding(position_ids)
-    mask = create_causal_mask(
-        config=text_model.config,
-        inputs_embeds=hidden_states,
-        attention_mask=attention_mask,
-        past_key_values=None,
-    )
+    # No cache; passed by position because transformers renamed it (past_key_values -> cache) within 5.x.
+    mask = create_causal_mask(text_model.config, hidden_states, attention_mask, None)
     hidden_states = text_model.encoder(inputs_embeds=hidden_states, attention_mask=mask, is_causal=True).last_hidden_state
     hidden_states = text_model.final_layer_norm(hidden_states)
     rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
