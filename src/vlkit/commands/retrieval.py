@@ -34,16 +34,33 @@ def _load_model(spec: str):
     return load_model(spec).eval()
 
 
-def _embedder(ray: Optional[str], ray_workers: int, batch_size: int):
+def _embedder(ray: Optional[str], ray_workers: int, batch_size: int, precision: str = "fp32"):
     if ray is None:
         from functools import partial
 
         from vlkit.retrieval.index import embed_images_local
 
-        return partial(embed_images_local, batch_size=batch_size)
+        return partial(embed_images_local, batch_size=batch_size, precision=precision)
     from vlkit.retrieval.embed_ray import ray_embedder
 
-    return ray_embedder(ray, num_workers=ray_workers, batch_size=batch_size)
+    return ray_embedder(ray, num_workers=ray_workers, batch_size=batch_size, precision=precision)
+
+
+def _check_precision(precision: Optional[str]) -> None:
+    """An unknown --precision is one error line before anything loads; bf16 on a CPU without
+    native bfloat16 gets one note line (it runs, but slower than fp32)."""
+    if precision is None:
+        return
+    from vlkit import precision as precisions
+
+    precisions.check(precision)
+    note = precisions.advice(precision)
+    if note:
+        print(note, file=sys.stderr)
+
+
+PRECISION_HELP = "fp32 (default), bf16 (bfloat16 autocast) or int8 (dynamic int8 Linear layers of the image tower; CPU)."
+INDEX_PRECISION_HELP = "fp32, bf16 or int8; defaults to the precision the index was built with."
 
 
 def _print_add_report(out: Path, report: Any) -> None:
@@ -107,17 +124,19 @@ def register(app: typer.Typer) -> None:
         ray: Optional[str] = typer.Option(None, "--ray", help="Embed on Ray Data: a cluster address, or 'local' for a local instance."),
         ray_workers: int = typer.Option(2, "--ray-workers", help="Ray actors (one model each)."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
+        precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP + " Recorded in the index; add and search default to it."),
     ) -> None:
         """Embed images (and their captions) and build a faiss index; rerun to resume."""
         from vlkit.retrieval.collection import read_source
         from vlkit.retrieval.index import INDEX_TYPES, build_index, preflight_build
 
+        _check_precision(precision)
         _check_add_args(chunk_size, batch_size, ray_workers, caption_template)
         validate.choice("--index-type", index_type, INDEX_TYPES)
         validate.out_folder("--out", out)
         validate.existing("--image-root", image_root, "folder")
         source = read_source(images, image_field=image_field, caption_field=caption_field, caption_template=caption_template)
-        preflight_build(out, source, image_root=image_root, index_type=index_type, chunk_size=chunk_size)
+        preflight_build(out, source, image_root=image_root, index_type=index_type, chunk_size=chunk_size, precision=precision)
         report = build_index(
             out,
             _load_model(model),
@@ -125,8 +144,9 @@ def register(app: typer.Typer) -> None:
             image_root=image_root,
             index_type=index_type,
             chunk_size=chunk_size if ray is None else max(chunk_size, 4096),
-            embedder=_embedder(ray, ray_workers, batch_size),
+            embedder=_embedder(ray, ray_workers, batch_size, precision),
             progress=progress,
+            precision=precision,
         )
         _print_add_report(out, report)
 
@@ -143,21 +163,26 @@ def register(app: typer.Typer) -> None:
         ray: Optional[str] = typer.Option(None, "--ray"),
         ray_workers: int = typer.Option(2, "--ray-workers"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
+        precision: Optional[str] = typer.Option(None, "--precision", help=INDEX_PRECISION_HELP + " Another one is refused (one index, one precision)."),
     ) -> None:
         """Add images not yet in the index (resumable; images already there are skipped)."""
         from vlkit.retrieval.collection import read_source
-        from vlkit.retrieval.index import add_images, read_manifest
+        from vlkit.retrieval.index import add_images, check_precision, read_manifest
 
+        _check_precision(precision)
         _check_add_args(chunk_size, batch_size, ray_workers, caption_template)
-        spec = model or read_manifest(index)["model"]["spec"]
+        man = read_manifest(index)
+        spec = model or man["model"]["spec"]
+        precision = check_precision(man, precision, index)
         source = read_source(images, image_field=image_field, caption_field=caption_field, caption_template=caption_template)
         report = add_images(
             index,
             _load_model(spec),
             source,
             chunk_size=chunk_size if ray is None else max(chunk_size, 4096),
-            embedder=_embedder(ray, ray_workers, batch_size),
+            embedder=_embedder(ray, ray_workers, batch_size, precision),
             progress=progress,
+            precision=precision,
         )
         _print_add_report(index, report)
 
@@ -172,11 +197,13 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
         rerank: str = typer.Option("none", "--rerank", help="'itm': re-score the ITC top --rerank-k with a BLIP model's ITM head (BLIP: ITM logit + cosine); text->images and image->captions."),
         rerank_k: int = typer.Option(128, "--rerank-k", help="With --rerank itm: how many ITC candidates ITM re-scores."),
+        precision: Optional[str] = typer.Option(None, "--precision", help=INDEX_PRECISION_HELP + " Another one embeds the query in it, with a note."),
     ) -> None:
         """Search an index: text->image, image->image, image->text, text->text."""
         from vlkit.retrieval.index import RetrievalIndex
         from vlkit.retrieval.search import TARGETS, Searcher
 
+        _check_precision(precision)
         if (text is None) == (image is None):
             raise VlkitError("vlkit search: give exactly one of --text or --image")
         if text is not None and not text.strip():
@@ -199,7 +226,9 @@ def register(app: typer.Typer) -> None:
 
             Console(stderr=True).print(f"-k {k}: the index holds {size} {target}; showing all {size}", markup=False, highlight=False)
             k = size
-        searcher = Searcher(opened, _load_model(model or opened.model_spec))
+        searcher = Searcher(opened, _load_model(model or opened.model_spec), precision)
+        if searcher.precision_note:
+            print(searcher.precision_note, file=sys.stderr)
         skipped: list = []
         if rerank == "itm":
             from vlkit.blip.rerank import rerank_search

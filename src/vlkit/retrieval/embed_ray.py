@@ -23,12 +23,13 @@ if TYPE_CHECKING:
 class _EmbedActor:
     """A Ray Data callable class: one loaded model per actor, batches of image paths in, features out."""
 
-    def __init__(self, spec: str, fingerprint: str, torch_threads: int):
+    def __init__(self, spec: str, fingerprint: str, torch_threads: int, precision: str = "fp32"):
         import torch
 
         from vlkit.models import load_model
 
         torch.set_num_threads(torch_threads)
+        self.precision = precision
         self.model = load_model(spec).eval()
         if self.model.fingerprint() != fingerprint:
             raise RuntimeError(f"model '{spec}' on this Ray worker has fingerprint {self.model.fingerprint()}, driver has {fingerprint}")
@@ -37,7 +38,7 @@ class _EmbedActor:
         from vlkit.retrieval.index import embed_images_local
 
         paths = [str(p) for p in batch["path"]]
-        feats, ok, skipped = embed_images_local(self.model, paths, batch_size=len(paths))
+        feats, ok, skipped = embed_images_local(self.model, paths, batch_size=len(paths), precision=self.precision)
         row = {p: i for i, p in enumerate(ok)}
         reasons = dict(skipped)
         out = np.zeros((len(paths), self.model.embed_dim), np.float32)
@@ -75,8 +76,9 @@ def embed_images_ray(
     num_workers: int = 2,
     batch_size: int = 64,
     torch_threads: int = 1,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-    """Embed `paths` on Ray Data with `num_workers` actors; same contract as the local embedder.
+    """Embed `paths` on Ray Data with `num_workers` actors (each in `precision`); same contract as the local embedder.
 
     `model.spec` must be loadable on every worker; the driver's model is used only for
     its spec, fingerprint and width.
@@ -92,7 +94,7 @@ def embed_images_ray(
     ds = ray.data.from_items([{"position": i, "path": p} for i, p in enumerate(paths)], override_num_blocks=max(1, min(len(paths) // batch_size + 1, 4 * num_workers)))
     out = ds.map_batches(
         _EmbedActor,
-        fn_constructor_kwargs={"spec": spec, "fingerprint": model.fingerprint(), "torch_threads": torch_threads},
+        fn_constructor_kwargs={"spec": spec, "fingerprint": model.fingerprint(), "torch_threads": torch_threads, "precision": precision},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_workers),
@@ -106,10 +108,10 @@ def embed_images_ray(
     return feats, ok, skipped
 
 
-def ray_embedder(address: str, num_workers: int = 2, batch_size: int = 64):
+def ray_embedder(address: str, num_workers: int = 2, batch_size: int = 64, precision: str = "fp32"):
     """An `ImageEmbedder` (see vlkit.retrieval.index) that runs on Ray."""
 
     def embed(model: "VLModel", paths: list[str]) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-        return embed_images_ray(model, paths, address=address, num_workers=num_workers, batch_size=batch_size)
+        return embed_images_ray(model, paths, address=address, num_workers=num_workers, batch_size=batch_size, precision=precision)
 
     return embed

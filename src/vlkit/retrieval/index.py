@@ -2,7 +2,7 @@
 
 Layout of an index folder::
 
-    index.json                 manifest: model (spec, fingerprint, dim), image root,
+    index.json                 manifest: model (spec, fingerprint, dim, precision), image root,
                                sources, faiss type + parameters per collection, counts
     shards/000000.safetensors  image and caption embeddings of one chunk of work
     shards/000000.json         that chunk's image/caption metadata and skipped images
@@ -51,11 +51,13 @@ MANIFEST = "index.json"
 ImageEmbedder = Callable[["VLModel", list[str]], tuple[np.ndarray, list[str], list[tuple[str, str]]]]
 
 
-def embed_images_local(model: "VLModel", paths: list[str], batch_size: int = 64) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+def embed_images_local(
+    model: "VLModel", paths: list[str], batch_size: int = 64, precision: str = "fp32"
+) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """The single-process image path: vlkit's feature extractor, uncached (the shards are the cache)."""
     from vlkit.features import extract_image_features
 
-    res = extract_image_features(model, paths, batch_size=batch_size, cache=False, progress=False)
+    res = extract_image_features(model, paths, batch_size=batch_size, cache=False, progress=False, precision=precision)
     feats = res.features.detach().float().cpu().numpy().reshape(len(res.paths), int(model.embed_dim))
     return feats, [str(p) for p in res.paths], [(str(p), str(r)) for p, r in res.skipped]
 
@@ -231,6 +233,39 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     return man
 
 
+def index_precision(man: dict[str, Any]) -> str:
+    """The precision the index's vectors were made in; indexes from before precision modes are fp32."""
+    return str(man["model"].get("precision", "fp32"))
+
+
+def check_precision(man: dict[str, Any], precision: str | None, index_dir: str | Path) -> str:
+    """The precision to add vectors in: the index's own when `precision` is None; another is refused,
+    so one index never mixes vectors made in different precisions."""
+    from vlkit import precision as precisions
+
+    built = index_precision(man)
+    if precision is None:
+        return built
+    precisions.check(precision)
+    if precision != built:
+        raise VlkitError(
+            f"{index_dir}: its vectors were made with --precision {built}; adding {precision} vectors would mix "
+            f"precisions in one index; use --precision {built} or build a separate index"
+        )
+    return precision
+
+
+def embed_texts(model: "VLModel", texts: list[str], precision: str = "fp32") -> np.ndarray:
+    """[N, D] float32 text features under `precision` (captions here, queries in `vlkit.retrieval.search`)."""
+    import torch
+
+    from vlkit import precision as precisions
+
+    runner = precisions.prepare(model, precision, "text")
+    with torch.inference_mode(), precisions.autocast(precision, model.device):
+        return runner.embed_texts(texts).detach().float().cpu().numpy()
+
+
 def check_model(man: dict[str, Any], model: "VLModel", index_dir: str | Path) -> None:
     """Refuse to mix embedding spaces: the query/added model must be the one that built the index."""
     want, got = man["model"]["fingerprint"], model.fingerprint()
@@ -248,8 +283,13 @@ def create_index(
     *,
     index_type: str = "auto",
     exact_max: int = EXACT_MAX,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Start an empty index folder (manifest only, marked incomplete)."""
+    """Start an empty index folder (manifest only, marked incomplete); the manifest records the
+    precision its vectors are made in, which `index add` keeps and `vlkit search` defaults to."""
+    from vlkit import precision as precisions
+
+    precisions.check(precision)
     if index_type not in INDEX_TYPES:
         raise VlkitError(f"index type '{index_type}': unknown; use one of {', '.join(INDEX_TYPES)}")
     out = Path(out)
@@ -257,7 +297,7 @@ def create_index(
     man = {
         "format": FORMAT,
         "version": VERSION,
-        "model": {"spec": model.spec, "fingerprint": model.fingerprint(), "embed_dim": int(model.embed_dim)},
+        "model": {"spec": model.spec, "fingerprint": model.fingerprint(), "embed_dim": int(model.embed_dim), "precision": precision},
         "image_root": str(Path(image_root).resolve()),
         "index_type": index_type,
         "exact_max": exact_max,
@@ -334,19 +374,25 @@ def add_images(
     chunk_size: int = 512,
     embedder: ImageEmbedder | None = None,
     progress: bool = True,
+    precision: str | None = None,
 ) -> AddReport:
     """Embed the source's images (and captions) that the index does not hold yet, then refresh faiss.
 
     Resumable: only images absent from every committed shard (indexed or skipped) are embedded.
     Paths the source skipped and images outside the image root are listed in the report and in
-    skipped.json.
+    skipped.json. `precision` None means the index's own; another one is refused. A given
+    `embedder` must embed in that precision (the CLI builds it so).
     """
     if chunk_size < 1:
         raise VlkitError(f"chunk size {chunk_size}: must be at least 1")
     index_dir = Path(index_dir)
     man = read_manifest(index_dir)
     check_model(man, model, index_dir)
-    embedder = embedder or embed_images_local
+    precision = check_precision(man, precision, index_dir)
+    if embedder is None:
+        from functools import partial
+
+        embedder = partial(embed_images_local, precision=precision)
     root = Path(man["image_root"])
     shards = list_shards(index_dir)
     done = {rec["path"] for s in shards for rec in s.images} | {p for s in shards for p, _ in s.skipped}
@@ -385,7 +431,7 @@ def add_images(
                 for cid, text in zip(cap_ids, item.captions):
                     captions.append({"id": cid, "image_id": rel, "text": text})
                     texts.append(text)
-            cap_emb = model.embed_texts(texts).detach().float().cpu().numpy() if texts else np.empty((0, man["model"]["embed_dim"]), np.float32)
+            cap_emb = embed_texts(model, texts, precision) if texts else np.empty((0, man["model"]["embed_dim"]), np.float32)
             skipped_rel = [[by_abs[p][0], reason] for p, reason in skipped] + new_skips
             new_skips = []
             _write_shard(index_dir, next_number, feats, cap_emb, {"images": images, "captions": captions, "skipped": skipped_rel})
@@ -450,21 +496,24 @@ def build_index(
     chunk_size: int = 512,
     embedder: ImageEmbedder | None = None,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> AddReport:
     """Build a new index, or resume one whose earlier build was interrupted.
 
     Everything is checked before the folder is created; when no image of the source
     can be read, the folder this call created is removed again and a VlkitError says so.
+    `precision` ("fp32", "bf16", "int8") is recorded in the manifest; a resumed build
+    must use the one it started with.
     """
     out = Path(out)
-    if preflight_build(out, source, image_root=image_root, index_type=index_type, chunk_size=chunk_size):
+    if preflight_build(out, source, image_root=image_root, index_type=index_type, chunk_size=chunk_size, precision=precision):
         check_model(read_manifest(out), model, out)
-        return add_images(out, model, source, chunk_size=chunk_size, embedder=embedder, progress=progress)
+        return add_images(out, model, source, chunk_size=chunk_size, embedder=embedder, progress=progress, precision=precision)
     root = Path(image_root or source.root).resolve()
     existed = out.exists()
-    create_index(out, model, root, index_type=index_type, exact_max=exact_max)
+    create_index(out, model, root, index_type=index_type, exact_max=exact_max, precision=precision)
     try:
-        report = add_images(out, model, source, chunk_size=chunk_size, embedder=embedder, progress=progress)
+        report = add_images(out, model, source, chunk_size=chunk_size, embedder=embedder, progress=progress, precision=precision)
     except VlkitError:
         if not list_shards(out):  # committed work is kept for a resume; an empty start is not
             _remove_new(out, existed)
@@ -476,22 +525,33 @@ def build_index(
 
 
 def preflight_build(
-    out: str | Path, source: Source, *, image_root: str | Path | None = None, index_type: str = "auto", chunk_size: int = 512
+    out: str | Path,
+    source: Source,
+    *,
+    image_root: str | Path | None = None,
+    index_type: str = "auto",
+    chunk_size: int = 512,
+    precision: str = "fp32",
 ) -> bool:
     """Every check of `build_index` that needs no model (the CLI runs it before loading one).
 
-    True when `out` holds an interrupted build to resume; False for a new build, after
-    checking that `out` can hold one and that some image of the source lies under the
-    image root.
+    True when `out` holds an interrupted build to resume (in the same precision); False
+    for a new build, after checking that `out` can hold one and that some image of the
+    source lies under the image root.
     """
+    from vlkit import precision as precisions
+
     out = Path(out)
     if chunk_size < 1:
         raise VlkitError(f"chunk size {chunk_size}: must be at least 1")
     if index_type not in INDEX_TYPES:
         raise VlkitError(f"index type '{index_type}': unknown; use one of {', '.join(INDEX_TYPES)}")
+    precisions.check(precision)
     if out.is_dir() and (out / MANIFEST).is_file() and list_shards(out):
-        if read_manifest(out)["complete"]:
+        man = read_manifest(out)
+        if man["complete"]:
             raise VlkitError(f"{out}: an index already exists there; add to it with `vlkit index add {out} --images ...` or pick another --out")
+        check_precision(man, precision, out)
         return True
     # a new build (or a folder left by a build that committed nothing, which starts over)
     check_new_index_dir(out)
@@ -563,6 +623,11 @@ class RetrievalIndex:
     @property
     def model_spec(self) -> str:
         return self.manifest["model"]["spec"]
+
+    @property
+    def precision(self) -> str:
+        """The precision the index's vectors were made in (fp32 for indexes older than precision modes)."""
+        return index_precision(self.manifest)
 
     def collection(self, name: str) -> Collection:
         if name not in COLLECTIONS:

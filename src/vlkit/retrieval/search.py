@@ -3,7 +3,8 @@
 text -> images, image -> images, image -> captions and text -> captions all reduce
 to one step: embed the query with the index's own model, then ask the target
 collection's faiss index for the nearest vectors by inner product (= cosine, the
-features are normalised).
+features are normalised). Queries are embedded in the precision the index was
+built in unless told otherwise (`vlkit.precision`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from vlkit.data.images import DEFAULT_MAX_PIXELS
 from vlkit.errors import VlkitError
-from vlkit.retrieval.index import RetrievalIndex, check_model
+from vlkit.retrieval.index import RetrievalIndex, check_model, embed_texts
 
 if TYPE_CHECKING:
     from vlkit.models.base import VLModel
@@ -45,16 +46,32 @@ class Hit:
 
 
 class Searcher:
-    """An index plus the model that built it: the Python API behind `vlkit search` and `vlkit serve`."""
+    """An index plus the model that built it: the Python API behind `vlkit search` and `vlkit serve`.
 
-    def __init__(self, index: RetrievalIndex, model: "VLModel"):
+    `precision` None embeds queries in the index's own precision (what its vectors
+    were made in). Another one is allowed: the model and so the embedding space are
+    the same, only the rounding of the query differs; `precision_note` says so.
+    """
+
+    def __init__(self, index: RetrievalIndex, model: "VLModel", precision: str | None = None):
+        from vlkit import precision as precisions
+
         check_model(index.manifest, model, index.dir)
         self.index = index
         self.model = model
+        self.precision = precisions.check(precision or index.precision, "precision")
         self._lock = threading.Lock()  # one model call at a time when served from threads
 
+    @property
+    def precision_note(self) -> str | None:
+        """One line when queries are embedded in another precision than the index's vectors, else None."""
+        if self.precision == self.index.precision:
+            return None
+        return (f"note: {self.index.dir} holds {self.index.precision} vectors; queries are embedded in {self.precision} "
+                "(same model, scores differ only by rounding)")
+
     @classmethod
-    def open(cls, index_dir: str | os.PathLike, model: "VLModel | str | None" = None) -> "Searcher":
+    def open(cls, index_dir: str | os.PathLike, model: "VLModel | str | None" = None, precision: str | None = None) -> "Searcher":
         """Open `index_dir` with `model` (a loaded VLModel, a spec, or None for the index's own spec)."""
         index = RetrievalIndex(index_dir)
         if model is None or isinstance(model, str):
@@ -62,11 +79,11 @@ class Searcher:
 
             model = load_model(model or index.model_spec)
         model.eval()
-        return cls(index, model)
+        return cls(index, model, precision)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         with self._lock:
-            return self.model.embed_texts(list(texts)).detach().float().cpu().numpy()
+            return embed_texts(self.model, list(texts), self.precision)
 
     def embed_image(
         self, image: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None, formats: Sequence[str] | None = None
@@ -81,7 +98,7 @@ class Searcher:
 
         pixels = load_pixels(self.model, image if isinstance(image, (bytes, bytearray)) else Path(image), max_pixels, name, formats)
         with self._lock:
-            return encode_pixels(self.model, [pixels]).numpy()
+            return encode_pixels(self.model, [pixels], precision=self.precision).numpy()
 
     def _hit(self, target: str, row: int, rank: int, score: float) -> Hit:
         rec = self.index.collection(target).items[row]
