@@ -145,8 +145,13 @@ def format_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[
 # -------------------------------------------------------------------- classifier
 
 
-def _cache_key(fingerprint: str, classnames: Sequence[str], templates: Sequence[str]) -> str:
-    blob = json.dumps({"model": fingerprint, "classes": list(classnames), "templates": list(templates)})
+def _cache_key(fingerprint: str, classnames: Sequence[str], templates: Sequence[str], precision: dict | None = None) -> str:
+    """Key of one classifier; `precision` (`vlkit.precision.describe(..., "text")`) is
+    left out when None (an fp32 text forward), so fp32 keys are the ones they always were."""
+    fields: dict[str, Any] = {"model": fingerprint, "classes": list(classnames), "templates": list(templates)}
+    if precision is not None:
+        fields["precision"] = precision
+    blob = json.dumps(fields)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
@@ -261,18 +266,30 @@ def zeroshot_classifier(
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """[C, D] unit-norm class weights on the model's device.
+    """[C, D] unit-norm float32 class weights on the model's device.
 
     cache=True reuses an in-memory copy for the same (model fingerprint, class
-    names, templates); with `cache_dir` also a safetensors file there, written
-    atomically. cache=False always recomputes and stores nothing.
+    names, templates, text precision); with `cache_dir` also a safetensors file
+    there, written atomically. cache=False always recomputes and stores nothing.
+    precision: "fp32", "bf16" (the text forward under bfloat16 autocast) or "int8"
+    (whose text tower stays fp32, so it shares fp32's classifier); see `vlkit.precision`.
     """
+    from vlkit import precision as precisions
+
+    precisions.check(precision, "precision")
     names = check_classnames(classnames)
     temps = resolve_templates(templates)
+
+    def encode() -> torch.Tensor:
+        runner = precisions.prepare(model, precision, "text")
+        with precisions.autocast(precision, model.device):
+            return _encode_classifier(runner, names, temps, batch_size, progress).float()
+
     if not cache:
-        return _encode_classifier(model, names, temps, batch_size, progress).clone()  # clone: a normal, autograd-usable tensor
-    key = _cache_key(model.fingerprint(), names, temps)
+        return encode().clone()  # clone: a normal, autograd-usable tensor
+    key = _cache_key(model.fingerprint(), names, temps, precisions.describe(precision, "text"))
     if key in _MEMORY_CACHE:
         _MEMORY_CACHE.move_to_end(key)
         return _MEMORY_CACHE[key].to(model.device, copy=True)  # a copy: callers may edit theirs in place
@@ -288,7 +305,7 @@ def zeroshot_classifier(
         if weights is not None and weights.shape[0] != len(names):
             weights = None
     if weights is None:
-        weights = _encode_classifier(model, names, temps, batch_size, progress).cpu().clone()
+        weights = encode().cpu().clone()
         if disk is not None:
             from vlkit import io
 
@@ -478,6 +495,7 @@ def classify(
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> ZeroShotResult:
     """Zero-shot classify `data` with `model`.
 
@@ -488,6 +506,8 @@ def classify(
     plus `<cache_dir>/zeroshot-text`); `cache_dir` defaults to `default_cache_dir()`.
     Unreadable images are skipped and listed in `result.skipped`; when none is
     left, a VlkitError says so (metrics over no image would be n/a, not a result).
+    `precision` ("fp32", "bf16", "int8"; `vlkit.precision`) applies to the text
+    classifier and the image features alike, and both caches key on it.
     """
     import torch
 
@@ -501,10 +521,11 @@ def classify(
     temps = resolve_templates(templates)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     classifier = zeroshot_classifier(
-        model, names, temps, batch_size=max(batch_size, 256), cache=cache, cache_dir=root if cache else None, progress=progress
+        model, names, temps, batch_size=max(batch_size, 256), cache=cache, cache_dir=root if cache else None, progress=progress,
+        precision=precision,
     )
     image_cache = FeatureCache(root / "features") if cache else False
-    feats = extract_image_features(model, items.paths, batch_size=batch_size, cache=image_cache, progress=progress)
+    feats = extract_image_features(model, items.paths, batch_size=batch_size, cache=image_cache, progress=progress, precision=precision)
     skipped = [(str(p), str(r)) for p, r in feats.skipped]
     if not feats.paths:
         total = len(items.paths)

@@ -246,16 +246,24 @@ def predict(
     top_k: int = typer.Option(3, "--top-k", min=1, help="Classes listed per image, best first."),
     out: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the run folder (predictions.csv, predictions.json, metrics.json)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    precision: str = typer.Option(
+        "fp32", "--precision",
+        help="fp32 (default), bf16 (bfloat16 autocast) or int8 (dynamic int8 Linear layers of the image tower; "
+        "--device cpu only). Image features are cached per precision.",
+    ),
 ) -> None:
     """Classify images with a learned prompt (its classes, or new ones for a unified prompt); prints a summary."""
+    from vlkit import precision as precisions
     from vlkit.adapt import prompt_io
     from vlkit.commands import validate
     from vlkit.errors import VlkitError
 
     if (images is None) == (data is None):
         raise VlkitError("vlkit predict: give exactly one of --images PATH.. or --data PATH (labelled)")
+    precisions.check(precision)
     validate.out_folder("--out", out)
     device = validate.device("--device", device)
+    precisions.check_device(precision, device)
     saved = prompt_io.load_prompt(prompt)
     names = None
     if classes is not None:
@@ -280,19 +288,25 @@ def predict(
     from vlkit.features import extract_image_features
     from vlkit.models import load_model
 
+    note = precisions.advice(precision, device)
+    if note:
+        import sys
+
+        print(note, file=sys.stderr)
     vl = load_model(model or saved.backbone, device=device)
     prompt_io.check_backbone(saved, vl, where=f"prompt '{prompt}'")
     learner = prompt_io.learner_from_saved(vl, saved, names).to(vl.device)
-    feats = extract_image_features(vl, paths, progress=False)
+    feats = extract_image_features(vl, paths, progress=False, precision=precision)
     if not feats.paths:
         first = f" (first: {feats.skipped[0][0]}: {feats.skipped[0][1]})" if feats.skipped else ""
         raise VlkitError(f"none of the {len(paths)} images could be read{first}")
-    classifier = classifier_weights(vl, learner)
+    with precisions.autocast(precision, vl.device):  # the text tower: bf16 autocast, fp32 otherwise (int8 quantises images only)
+        classifier = classifier_weights(precisions.prepare(vl, precision, "text"), learner).float()
     logits = prompt_logits(vl, feats.features.to(classifier.device), classifier).cpu()
     kept = _kept_labels(paths, labels, feats.paths) if labels is not None else None
     run_dir = runs.new_run_dir(out, "predict")
     settings = {"prompt": str(prompt), "images": [str(p) for p in images or []], "data": str(data) if data else None,
-                "classes": classes, "model": model or saved.backbone, "top_k": top_k, "device": device}
+                "classes": classes, "model": model or saved.backbone, "top_k": top_k, "device": device, "precision": precision}
     runs.write_config(run_dir, settings, command="predict", model_fingerprint=vl.fingerprint(), classnames=list(learner.classnames))
     metrics = write_predictions(run_dir, list(learner.classnames), feats.paths, logits, kept, feats.skipped, top_k)
     _print_predict_summary(metrics, run_dir)

@@ -32,6 +32,11 @@ def zeroshot(
     out: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the run folder."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the image-feature and text-classifier caches."),
     seed: int = typer.Option(0, "--seed", help="Recorded and applied; zero-shot itself draws no random numbers."),
+    precision: str = typer.Option(
+        "fp32", "--precision",
+        help="fp32 (default), bf16 (both towers under bfloat16 autocast) or int8 (dynamic int8 Linear layers of the "
+        "image tower, CPU; the text tower stays fp32). Features are cached per precision.",
+    ),
 ) -> None:
     """Zero-shot classification: writes config.json, metrics.json and predictions.csv to a run folder."""
     from vlkit import runs, zeroshot as zs
@@ -39,8 +44,11 @@ def zeroshot(
     from vlkit.errors import VlkitError
 
     # Cheap checks first, so a typo fails in a second, before any model loads or any output is made.
+    from vlkit import precision as precisions
+
     if (data is None) == (task is None):
         raise VlkitError("zeroshot: pass exactly one of --data PATH (image folder or table) and --task NAME")
+    precisions.check(precision)
     validate.at_least("--batch-size", batch_size)
     validate.out_folder("--out", out)
     classnames = zs.load_classnames(classes) if classes is not None else None
@@ -66,9 +74,14 @@ def zeroshot(
 
     from vlkit.models import load_model  # torch and transformers load only once the inputs are known good
 
+    note = precisions.advice(precision)
+    if note:
+        import sys
+
+        print(note, file=sys.stderr)
     runs.seed_everything(seed)
     vl = load_model(model)
-    result = zs.classify(vl, items, items.classnames, template_list, batch_size=batch_size, cache=not no_cache)
+    result = zs.classify(vl, items, items.classnames, template_list, batch_size=batch_size, cache=not no_cache, precision=precision)
     run_dir = runs.new_run_dir(out, "zeroshot")
     settings = {
         "model": model,
@@ -83,6 +96,7 @@ def zeroshot(
         "batch_size": batch_size,
         "cache": not no_cache,
         "seed": seed,
+        "precision": precision,
         "out": str(out),
     }
     extra = {"task_fingerprint": t.fingerprint} if task is not None else {}
