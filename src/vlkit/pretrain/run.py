@@ -61,14 +61,16 @@ def pretrain(
     resume: bool = False,
     progress: bool = True,
     export: bool = True,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Train per `cfg`; returns the metrics written to `<run_dir>/metrics.json` (rank 0)."""
+    """Train per `cfg` on `device` ("auto": CUDA when there is one); returns the metrics written to
+    `<run_dir>/metrics.json` (rank 0)."""
     if cfg.model.kind == "blip":
         from vlkit.pretrain.blip_trainer import BlipTrainer as Trainer
     else:
         from vlkit.pretrain.trainer import Trainer
 
-    info = init_distributed()
+    info = init_distributed(device)
     wall0 = time.perf_counter()
     trainer = None
     try:
