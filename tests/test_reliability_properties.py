@@ -150,7 +150,14 @@ def cases(w: World) -> dict[tuple[str, ...], tuple[list[str], dict[str, st.Searc
         ("capfilt", "run"): (["--human", t, "--web", t, "--captioner", b, "--filter", b, "--out", new, "--text-column", "caption"],
                              {**capfilt_web, "--human": in_path(w, "file"), "--captioner": in_path(w, "folder"),
                               "--filter": in_path(w, "folder"), "--threshold": THRESHOLD, "--top-p": UNIT, "--beam": COUNT,
-                              "--batch-size": COUNT, "--device": DEVICE}),
+                              "--batch-size": COUNT, "--device": DEVICE, "--epochs": COUNT, "--train-batch-size": COUNT,
+                              "--lr": RATE, "--ray-workers": COUNT}),
+        ("capfilt", "finetune"): (["--human", t, "--model", b, "--out", new, "--text-column", "caption"],
+                                  {"--human": in_path(w, "file"), "--model": in_path(w, "folder"), "--out": out_path(w),
+                                   "--epochs": COUNT, "--max-steps": COUNT, "--train-batch-size": COUNT, "--lr": RATE,
+                                   "--checkpoint-every": COUNT, "--precision": choice_outside("auto", "fp32", "bf16"),
+                                   "--device": DEVICE, "--text-column": choice_outside("caption", "label", "image"),
+                                   "--image-column": choice_outside("image")}),
         ("caption",): ([d, "--model", b, "--out", new],
                        {"--beam": COUNT, "--batch-size": COUNT, "--max-length": st.integers(max_value=1).map(str),
                         "--num-captions": COUNT, "--repetition-penalty": RATE, "--device": DEVICE, "--out": out_path(w),
@@ -393,6 +400,7 @@ TABLE_COMMANDS = {
                                             "--filter", w.blip, "--out", out],
     "capfilt run --human": lambda w, t, out: ["capfilt", "run", "--human", t, "--web", w.table, "--captioner", w.blip,
                                               "--filter", w.blip, "--out", out],
+    "capfilt finetune --human": lambda w, t, out: ["capfilt", "finetune", "--human", t, "--model", w.blip, "--out", out],
 }
 
 
