@@ -307,24 +307,33 @@ class PromptLearner(nn.Module):
         start = self.token_ids[:1, : self.n_start]
         with torch.no_grad():
             start_embeds = model.token_embedding(start)  # [1, n_start, W]
-            suffix_ids = self.token_ids[idx, self.n_start + self.n_ctx :]
-            suffix_mask = self.attention_mask[idx, self.n_start + self.n_ctx :]
-            length = int(suffix_mask.sum(dim=1).max())
-            suffix_ids, suffix_mask = suffix_ids[:, :length], suffix_mask[:, :length]
-            suffix = model.token_embedding(suffix_ids)
         ctx = ctx.to(start_embeds.dtype)
         prefix = torch.cat([start_embeds.expand(ctx.shape[0], -1, -1), ctx], dim=1)  # [G, P, W]
+        # Classes are run in buckets of equal suffix length, so no suffix is padded:
+        # names of 1 to 13 tokens would otherwise all pay for the longest.
+        suffix_ids = self.token_ids[idx, self.n_start + self.n_ctx :]
+        lengths = self.attention_mask[idx, self.n_start + self.n_ctx :].sum(dim=1)
         rows = chunk_size or len(prefix) * len(idx)
-        groups = max(1, rows // len(idx))
-        classes_per_call = min(len(idx), rows)
-        out = []
-        for g0 in range(0, len(prefix), groups):
-            row = [
-                encoder.encode(prefix[g0 : g0 + groups], suffix[c0 : c0 + classes_per_call], suffix_mask[c0 : c0 + classes_per_call])
-                for c0 in range(0, len(idx), classes_per_call)
-            ]
-            out.append(torch.cat(row, dim=1))
-        return torch.cat(out)
+        order, parts = [], []
+        for length in lengths.unique().tolist():
+            members = (lengths == length).nonzero().squeeze(1)
+            with torch.no_grad():
+                suffix = model.token_embedding(suffix_ids[members, :length])
+            mask = torch.ones(len(members), length, dtype=torch.long, device=suffix.device)
+            groups = max(1, rows // len(members))
+            per_call = min(len(members), rows)
+            part = torch.cat([
+                torch.cat([
+                    encoder.encode(prefix[g0 : g0 + groups], suffix[c0 : c0 + per_call], mask[c0 : c0 + per_call])
+                    for c0 in range(0, len(members), per_call)
+                ], dim=1)
+                for g0 in range(0, len(prefix), groups)
+            ])
+            order.append(members)
+            parts.append(part)
+        inverse = torch.empty(len(idx), dtype=torch.long, device=prefix.device)
+        inverse[torch.cat(order)] = torch.arange(len(idx), device=prefix.device)
+        return torch.cat(parts, dim=1)[:, inverse]
 
     def forward(self, model: VLModel, classes: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         return self.text_features(model, classes=classes)
