@@ -218,6 +218,16 @@ def build_tiny_dual_checkpoint(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A run whose config sets `train.threads` changes torch's process-wide thread count; put it back after
+    each test, so that no test's numbers depend on which tests ran before it (1 and 2 threads round apart)."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A tiny random CLIPModel checkpoint folder (config, safetensors, tokenizer, image processor)."""

@@ -126,7 +126,8 @@ def test_an_interrupted_finetune_resumes_to_the_same_models_and_a_finished_one_i
     code, _, err = cli([*args, "--out", tmp_path / "whole"], capsys)
     assert code == 0, err
     resumed = tmp_path / "resumed"
-    env = {**os.environ, CRASH_ENV: "3", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    # the killed half runs in a subprocess: give it this process's thread count (1 and 2 threads round apart)
+    env = {**os.environ, CRASH_ENV: "3", "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
     killed = subprocess.run([sys.executable, "-m", "vlkit.cli", *map(str, args), "--out", str(resumed)], env=env, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     assert (resumed / "filter" / "checkpoints" / "last.safetensors").exists() and not (resumed / "filter" / "model").exists()
