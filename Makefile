@@ -32,7 +32,7 @@ browser:
 	  || echo "chromium not installed: the browser test will skip"; }
 
 test: $(VENV)/.installed browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -16,10 +16,19 @@ Fixtures (session-scoped):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of
+# the cores, and so do the subprocesses its tests start: the tiny models here run faster
+# on one thread each than on all of them, and workers never oversubscribe the machine.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    torch.set_num_threads(_share)
 
 # Phrases the tiny CLIP tokenizer learns merges from: whole words for the prompts tests use.
 _BPE_CORPUS = [
