@@ -14,6 +14,8 @@ then drops what it scores below the threshold. Reported, with "noisy" = swapped 
 - wall time per 1,000 web images of the caption and filter passes.
 
     PYTHONPATH=src python bench/capfilt_filter_quality.py --model vlkit-blip-tiny --out bench/results/capfilt-filter
+    PYTHONPATH=src python bench/capfilt_filter_quality.py --captioner F/captioner/model --filter F/filter/model \
+        --out bench/results/capfilt-finetuned        # F: a `vlkit capfilt finetune` folder
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ def precision_recall(dropped: list[bool], noisy: list[bool]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="vlkit-blip-tiny")
+    ap.add_argument("--model", default="vlkit-blip-tiny", help="captioner and filter, unless --captioner / --filter name others")
+    ap.add_argument("--captioner", default=None, help="e.g. <capfilt folder>/captioner/model from `vlkit capfilt finetune`")
+    ap.add_argument("--filter", default=None, help="e.g. <capfilt folder>/filter/model from `vlkit capfilt finetune`")
     ap.add_argument("--data-dir", default=os.environ.get("VLKIT_DATA", "~/.cache/vlkit/data"))
     ap.add_argument("--swap", type=float, default=0.3)
     ap.add_argument("--near", type=float, default=0.1)
@@ -96,10 +100,12 @@ def main() -> None:
     rows = [json.loads(line) for line in table.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = rows[: args.limit] if args.limit else rows
     web = web_table(rows, args.swap, args.near, args.seed)
-    blip = load_blip(args.model)
+    captioner_spec, filter_spec = args.captioner or args.model, args.filter or args.model
+    captioner = load_blip(captioner_spec)
+    filt = captioner if filter_spec == captioner_spec else load_blip(filter_spec)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record: dict = {"model": args.model, "images": len(web), "threshold": args.threshold, "swap": args.swap, "near": args.near,
+    record: dict = {"captioner": captioner_spec, "filter": filter_spec, "images": len(web), "threshold": args.threshold, "swap": args.swap, "near": args.near,
                     "seed": args.seed, "threads": torch.get_num_threads()}
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,9 +115,9 @@ def main() -> None:
         for method, settings in (("nucleus", settings_for("nucleus", seed=args.seed)), ("beam", settings_for("beam"))):
             todo = capfilt.shards(pairs, Path(tmp) / method, 1024)
             t0 = time.perf_counter()
-            capfilt.caption_pass(blip, todo, settings)
+            capfilt.caption_pass(captioner, todo, settings)
             t1 = time.perf_counter()
-            capfilt.filter_pass(blip, todo, args.threshold)
+            capfilt.filter_pass(filt, todo, args.threshold)
             t2 = time.perf_counter()
             prov = [r for s in todo for r in (json.loads(line) for line in s.filter_path.read_text().splitlines())]
             runs[method] = {"provenance": prov, "caption_s_per_1000": 1000 * (t1 - t0) / len(web), "filter_s_per_1000": 1000 * (t2 - t1) / len(web)}
@@ -151,7 +157,7 @@ def main() -> None:
     (out / "filter.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     w = record["web"]
     lines = [f"{len(web)} Facebook-style emoji, {w['counts']['swap']} swapped and {w['counts']['near']} near-miss web texts, "
-             f"filter {args.model} at ITM > {args.threshold}, {record['threads']} threads.", "",
+             f"captioner {captioner_spec}, filter {filter_spec} at ITM > {args.threshold}, {record['threads']} threads.", "",
              "| web texts | precision of dropping noise | recall | ROC AUC | kept: true / swapped / near miss |", "|---|---|---|---|---|",
              f"| {len(web_rows)} | {w['precision']:.1f}% | {w['recall']:.1f}% | {w['auc']:.3f} | "
              f"{w['kept_%']['true']:.1f}% / {w['kept_%']['swap']:.1f}% / {w['kept_%']['near']:.1f}% |", "",

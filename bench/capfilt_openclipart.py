@@ -23,7 +23,9 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="vlkit-blip-tiny")
+    ap.add_argument("--model", default="vlkit-blip-tiny", help="captioner and filter, unless --captioner / --filter name others")
+    ap.add_argument("--captioner", default=None, help="e.g. <capfilt folder>/captioner/model from `vlkit capfilt finetune`")
+    ap.add_argument("--filter", default=None, help="e.g. <capfilt folder>/filter/model from `vlkit capfilt finetune`")
     ap.add_argument("--data-dir", default=os.environ.get("VLKIT_DATA", "~/.cache/vlkit/data"))
     ap.add_argument("--out", default="bench/out/capfilt-openclipart")
     ap.add_argument("--report", default="bench/results/capfilt-openclipart")
@@ -54,18 +56,19 @@ def main() -> None:
     for name, rows in (("human", human), ("web", web)):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
+    captioner, filt = args.captioner or args.model, args.filter or args.model
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "vlkit.cli", "capfilt", "run", "--human", str(out / "human.jsonl"), "--web", str(out / "web.jsonl"),
-           "--captioner", args.model, "--filter", args.model, "--out", str(out / "capfilt"), "--no-progress"]
+           "--captioner", captioner, "--filter", filt, "--out", str(out / "capfilt"), "--no-progress"]
     subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - t0
     summary = json.loads((out / "capfilt" / "summary.json").read_text())
     report = Path(args.report)
     report.mkdir(parents=True, exist_ok=True)
-    record = {"model": args.model, "human_pairs": len(human), "web_pairs": len(web), "seconds": round(seconds, 1),
+    record = {"captioner": captioner, "filter": filt, "human_pairs": len(human), "web_pairs": len(web), "seconds": round(seconds, 1),
               "s_per_1000_web_images": round(1000 * seconds / len(web), 1), "command": " ".join(cmd[1:]), "summary": summary}
     (report / "capfilt.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    lines = [f"Human: {len(human)} emoji names; web: {len(web)} Openclipart file-name captions; captioner and filter {args.model}; "
+    lines = [f"Human: {len(human)} emoji names; web: {len(web)} Openclipart file-name captions; captioner {captioner}, filter {filt}; "
              f"{seconds:.0f} s in all ({record['s_per_1000_web_images']} s per 1,000 web images, caption + filter + write).", "",
              "| source | pairs | kept | kept share |", "|---|---|---|---|"]
     for source in ("human", "web", "synthetic"):
